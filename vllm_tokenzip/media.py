@@ -41,8 +41,9 @@ def bigbuckbunny() -> Path:
     return target
 
 
-def speech_wav(*, seconds: float = 6.0, speech_start: float = 1.0, sample_rate: int = 16000,
-               channels: int = 1) -> Path:
+def speech_wav(
+    *, seconds: float = 6.0, speech_start: float = 1.0, sample_rate: int = 16000, channels: int = 1
+) -> Path:
     """WAV of silence with espeak-ng speech starting at ``speech_start`` seconds."""
     name = f"speech-{seconds:g}s-at{speech_start:g}-{sample_rate}hz-{channels}ch.wav"
     target = media_dir() / name
@@ -63,9 +64,16 @@ def speech_wav(*, seconds: float = 6.0, speech_start: float = 1.0, sample_rate: 
     return target
 
 
-def synthetic_clip(*, seconds: float = 6.0, moving: bool = True, sample_rate: int = 16000,
-                   channels: int = 1, speech_start: float = 1.0, size: str = "320x240",
-                   fps: int = 10) -> Path:
+def synthetic_clip(
+    *,
+    seconds: float = 6.0,
+    moving: bool = True,
+    sample_rate: int = 16000,
+    channels: int = 1,
+    speech_start: float = 1.0,
+    size: str = "320x240",
+    fps: int = 10,
+) -> Path:
     """MP4 (H.264 + AAC) with a moving test pattern or a static colour field and speech audio."""
     scene = "moving" if moving else "static"
     name = f"clip-{scene}-{seconds:g}s-{size}-{fps}fps-{sample_rate}hz-{channels}ch.mp4"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,12 @@ def test_registered() -> None:
         pytest.skip(f"registry incomplete: {error}")
     assert not method.count_known_in_advance
     assert Need.ENCODER_ATTENTION in method.needs
+
+
+@pytest.mark.parametrize("form", [fastvid.fastvid_qwen25vl, fastvid.fastvid_llava_ov])
+def test_bfloat16_official_forms(form: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    video, attn = scene_video(12, 36, 16, seed=7, scenes=3, noise=0.05)
+    expected, _ = form(video, attn, generator=torch.Generator().manual_seed(0))
+    kept, merged = form(video.bfloat16(), attn, generator=torch.Generator().manual_seed(0))
+    assert merged.dtype == torch.bfloat16
+    assert kept.numel() == merged.shape[0] == expected.numel()

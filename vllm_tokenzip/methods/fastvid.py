@@ -124,7 +124,7 @@ def merge_into(
         0, owner, tokens[candidates]
     )
     weight = (1.0 / (count + 1)).clamp(min=beta)
-    return weight * tokens[targets] + (1 - weight) * total / count.clamp(min=1)
+    return weight * tokens[targets] + (1 - weight) * (total / count.clamp(min=1))
 
 
 def qwen_segments(

@@ -381,7 +381,7 @@ def _engine_video(
     return torch.cat(masks) if masks else video.new_zeros(0, dtype=torch.bool)
 
 
-def tokens_per_frame(video_grid_thw: torch.Tensor) -> int:
+def grid_tokens_per_frame(video_grid_thw: torch.Tensor) -> int:
     """LLM tokens per temporal grid step of the first video; video_grid_thw: [n_videos, 3]."""
     _, height, width = video_grid_thw[0].tolist()
     return (height // SPATIAL_MERGE) * (width // SPATIAL_MERGE)
@@ -448,7 +448,7 @@ def omnizip_reference(
     Returns (embeds [1, L, D] with consolidated anchors, keep mask [1, L] bool); the caller
     keeps ``embeds[:, mask]`` and the original positions ``positions[..., mask]``.
     """
-    tpf = tokens_per_frame(video_grid_thw)
+    tpf = grid_tokens_per_frame(video_grid_thw)
     stage = partial(
         _reference_video,
         tokens_per_frame=tpf,
@@ -518,7 +518,7 @@ def omnizip_engine(
         contextual_ratio=contextual_ratio,
         merge_size=merge_size,
     )
-    tpf = tokens_per_frame(video_grid_thw) if num_video else 1
+    tpf = grid_tokens_per_frame(video_grid_thw) if num_video else 1
     return _omnizip(
         input_ids,
         embeds,

@@ -70,6 +70,7 @@ def vidcom2_select(video: torch.Tensor, num_keep: int) -> torch.Tensor:
     if surplus > 0:
         kept = keep.nonzero().squeeze(-1)
         order = torch.argsort(score[kept], descending=True, stable=True)
+        # frames' best tokens last, the rest in descending score
         order = order[torch.argsort((rank[kept][order] == 0).long(), stable=True)]
         keep[kept[order[:surplus]]] = False
     elif surplus < 0:
