@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 
 from vllm_tokenzip import __version__
 from vllm_tokenzip.models import ADAPTERS
 
 SUPPORTED_VLLM = ((0, 32), (0, 34))  # [lower, upper) on (major, minor)
-# A child of the "vllm" logger, so the line gets vLLM's handler and process prefix.
-logger = logging.getLogger("vllm.tokenzip")
 _registered = False
 
 
@@ -26,12 +25,12 @@ class UnsupportedVLLMVersion(RuntimeError):
 
 def check_vllm_version(version: str) -> None:
     """Raise :class:`UnsupportedVLLMVersion` unless ``version`` is in the supported range."""
+    low, high = SUPPORTED_VLLM
     try:
         major_minor = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:
-        raise UnsupportedVLLMVersion(f"cannot parse vLLM version {version!r}") from None
-    low, high = SUPPORTED_VLLM
-    if not low <= major_minor < high:
+        major_minor = None
+    if major_minor is None or not low <= major_minor < high:
         raise UnsupportedVLLMVersion(
             f"vllm_tokenzip {__version__} supports vLLM >={low[0]}.{low[1]},<{high[0]}.{high[1]}"
             f"; installed vLLM is {version}. Install a supported vLLM or uninstall vllm-tokenzip."
@@ -50,10 +49,16 @@ def register() -> None:
     for architecture, adapter in ADAPTERS.items():
         ModelRegistry.register_model(architecture, adapter)
     _registered = True
-    logger.info(
-        "vllm_tokenzip %s registered adapters for %s (process %s, pid %d)",
-        __version__,
-        ", ".join(ADAPTERS),
-        multiprocessing.current_process().name,
-        os.getpid(),
+    _announce(
+        f"vllm_tokenzip {__version__} registered adapters for {', '.join(ADAPTERS)} "
+        f"(process {multiprocessing.current_process().name}, pid {os.getpid()})"
     )
+
+
+def _announce(message: str) -> None:
+    """One INFO line through vLLM's logger; straight to stderr while vLLM has not configured
+    logging yet (the API server loads plugins while it parses its arguments)."""
+    if logging.getLogger("vllm").handlers:
+        logging.getLogger("vllm.tokenzip").info(message)
+    else:
+        print(f"INFO vllm_tokenzip: {message}", file=sys.stderr, flush=True)

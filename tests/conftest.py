@@ -1,0 +1,52 @@
+"""Session fixtures: locally built models, cached media, and one vLLM server per model.
+
+Everything is built under the tokenzip cache ($TOKENZIP_CACHE, default ~/.cache/vllm_tokenzip);
+server logs go to pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_tokenzip import media
+from vllm_tokenzip.launch import Server, start_server
+from vllm_tokenzip.model_builder import build_model
+
+
+@pytest.fixture(scope="session")
+def omni_tiny() -> Path:
+    return build_model("omni", "tiny")
+
+
+@pytest.fixture(scope="session")
+def vl_tiny() -> Path:
+    return build_model("vl", "tiny")
+
+
+@pytest.fixture(scope="session")
+def clips() -> dict[str, Path]:
+    """The test media by name."""
+    return {
+        "bigbuckbunny": media.bigbuckbunny(),
+        "moving_16k": media.synthetic_clip(moving=True, sample_rate=16000),
+        "static_48k_51": media.synthetic_clip(moving=False, sample_rate=48000, channels=6),
+        "speech_16k": media.speech_wav(sample_rate=16000),
+        "speech_48k": media.speech_wav(sample_rate=48000),
+    }
+
+
+@pytest.fixture(scope="session")
+def omni_server(omni_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("logs") / "omni-server.log"
+    with start_server(omni_tiny, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vl_server(vl_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("logs") / "vl-server.log"
+    with start_server(vl_tiny, log_path=log) as server:
+        yield server
