@@ -31,7 +31,10 @@ def run_demo(size: str = "tiny", question: str = "What happens in this clip?") -
             messages=[{"role": "user", "content": content}],
             max_tokens=32,
             temperature=0.0,
-            extra_body={"mm_processor_kwargs": {"use_audio_in_video": True}},
+            extra_body={
+                "mm_processor_kwargs": {"use_audio_in_video": True},
+                "skip_special_tokens": False,
+            },
         )
     usage = reply.usage
     print(f"answer (random weights, so not meaningful): {reply.choices[0].message.content!r}")
