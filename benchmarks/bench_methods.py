@@ -11,7 +11,6 @@ temporally redundant embeddings; OmniZip is also timed on an interleaved audio-v
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from vllm_tokenzip import methods
+from vllm_tokenzip.methods import omnizip
 from vllm_tokenzip.methods.base import Method, VideoInputs
 
 AUDIO_TOKEN_ID = 151646  # Qwen2.5-Omni <|AUDIO|>
@@ -47,20 +47,6 @@ OMNI_RATIOS = {"rho_audio": 0.3, "rho_video": 0.6}  # OmniZip paper defaults
 SCENES = 8
 FRAME_NOISE = 0.3
 QUERY_TOKENS = 32
-
-
-def load_methods() -> tuple[dict[str, Method], list[str]]:
-    """Registered methods by name, and a note for each method module that failed to import."""
-    try:
-        return {name: methods.get(name) for name in methods.available()}, []
-    except Exception:  # some module is broken or missing: import the others one by one
-        notes = []
-        for module in methods._METHOD_MODULES:
-            try:
-                importlib.import_module(f"{methods.__name__}.{module}")
-            except Exception as error:
-                notes.append(f"skipped module {module!r}: {type(error).__name__}: {error}")
-        return dict(methods._REGISTRY), notes
 
 
 def timed(run: Callable[[], object], repeats: int) -> dict[str, object]:
@@ -124,40 +110,33 @@ def omni_layout(steps: int, tokens_per_step: int, num_audio: int) -> torch.Tenso
 
 
 def time_omnizip(size: dict, dtype: torch.dtype, seed: int, repeats: int) -> dict[str, object]:
-    """Audio saliency on encoder Q/K [H, T_enc, d], then the OmniZip forms that exist."""
-    omnizip = importlib.import_module(f"{methods.__name__}.omnizip")
+    """Audio saliency on encoder Q/K [H, T_enc, d], then OmniZip's engine and reference forms."""
     gen = torch.Generator().manual_seed(seed)
     encoder_tokens = size["steps"] * 2 * AUDIO_PER_CHUNK  # 50 audio-encoder tokens per second
     q, k = (
         torch.randn(size["heads"], encoder_tokens, size["head_dim"], generator=gen).to(dtype)
         for _ in range(2)
     )
-    rows = {}
-    if hasattr(omnizip, "audio_saliency"):
-        rows["audio_saliency"] = timed(lambda: omnizip.audio_saliency(q, k), repeats)
-        saliency = omnizip.audio_saliency(q, k)
-    else:
-        saliency = torch.rand(encoder_tokens // 2, generator=gen)
+    rows = {"audio_saliency": timed(lambda: omnizip.audio_saliency(q, k), repeats)}
+    saliency = omnizip.audio_saliency(q, k)
     height, width = size["grid_hw"]
     input_ids = omni_layout(size["steps"], height * width, saliency.numel())
     embeds = torch.randn(1, input_ids.shape[1], size["dim"], generator=gen).to(dtype)
     grid_thw = torch.tensor([[size["steps"], 2 * height, 2 * width]])
-    for form in ("omnizip_engine", "omnizip_reference"):
-        if hasattr(omnizip, form):
-            run = getattr(omnizip, form)
+    for form in (omnizip.omnizip_engine, omnizip.omnizip_reference):
 
-            def call(run: Callable = run) -> object:
-                return run(
-                    input_ids,
-                    embeds,
-                    saliency,
-                    grid_thw,
-                    audio_token_id=AUDIO_TOKEN_ID,
-                    video_token_id=VIDEO_TOKEN_ID,
-                    **OMNI_RATIOS,
-                )
+        def call(run: Callable = form) -> object:
+            return run(
+                input_ids,
+                embeds,
+                saliency,
+                grid_thw,
+                audio_token_id=AUDIO_TOKEN_ID,
+                video_token_id=VIDEO_TOKEN_ID,
+                **OMNI_RATIOS,
+            )
 
-            rows[form] = timed(call, repeats)
+        rows[form.__name__] = timed(call, repeats)
     shapes = {
         "qk": [size["heads"], encoder_tokens, size["head_dim"]],
         "audio_tokens": saliency.numel(),
@@ -198,17 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
-    registry, notes = load_methods()
+    registry = {name: methods.get(name) for name in methods.available()}
     wanted = [name for name in args.methods.split(",") if name] or sorted(registry)
+    unknown = sorted(set(wanted) - set(registry))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {sorted(registry)}")
     size = SIZES[args.sizes]
     results: dict[str, dict[str, object]] = {}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         inputs = video_inputs(size["video"], dtype, args.seed)
         for name in wanted:
-            if name not in registry:
-                notes.append(f"{name}: not registered")
-                continue
             try:
                 row = time_video_method(
                     registry[name], inputs, size["video"]["ratio"], args.repeats
@@ -216,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as error:
                 row = {"error": f"{type(error).__name__}: {error}"}
             results.setdefault(name, {})[dtype_name] = row
-        if "omnizip" in registry and "omnizip" in wanted:
+        if "omnizip" in wanted:
             try:
                 row = time_omnizip(size["omni"], dtype, args.seed, args.repeats)
             except Exception as error:
@@ -233,7 +212,6 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "results": results,
-        "notes": notes,
     }
     text = json.dumps(report, indent=1)
     print(text)
