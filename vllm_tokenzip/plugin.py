@@ -38,16 +38,20 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
-    """Register the model adapters with vLLM (once per process)."""
+    """Register the model adapters and the runner patch of ``models.mm_pruning`` (once per
+    process)."""
     global _registered
     if _registered:
         return
     import vllm
     from vllm import ModelRegistry
 
+    from vllm_tokenzip.models.mm_pruning import install_runner_patch
+
     check_vllm_version(vllm.__version__)
     for architecture, adapter in ADAPTERS.items():
         ModelRegistry.register_model(architecture, adapter)
+    install_runner_patch()
     _registered = True
     _announce(
         f"vllm_tokenzip {__version__} registered adapters for {', '.join(ADAPTERS)} "

@@ -1,0 +1,166 @@
+"""Per-request video pruning on the tiny Qwen2.5-VL, served by real vLLM on CPU.
+
+Uses the session's ``vl_server`` (one server for the module). Expected counts are closed
+forms: the HF processor's unpruned prompt length, minus the video's T * H'W' tokens, plus
+``method.kept_count(T, H'W', ratio)``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+
+from tests.media_expect import expected_prompt_tokens, sampled_frames
+from vllm_tokenzip import methods
+from vllm_tokenzip.launch import Server
+from vllm_tokenzip.models.mm_pruning import (
+    ALWAYS_PRUNES_ATTR,
+    METHOD_ID,
+    NO_METHOD,
+    NUM_KEEP,
+    PATCH_LOG_MARKER,
+    RATIO,
+    PruneCountMismatch,
+    install_runner_patch,
+    keep_indices,
+)
+
+QUESTION = "What happens here?"
+
+
+def chat(server: Server, video: Path, tokenzip: dict | None = None) -> requests.Response:
+    """Greedy 4-token chat completion over one video, with log-probs."""
+    content = [{"type": "video_url", "video_url": {"url": video.as_uri()}},
+               {"type": "text", "text": QUESTION}]  # fmt: skip
+    body = {"model": server.model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4, "temperature": 0.0, "logprobs": True}  # fmt: skip
+    if tokenzip is not None:
+        body["mm_processor_kwargs"] = {"tokenzip": tokenzip}
+    return requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
+
+
+def result(reply: requests.Response) -> tuple[int, list[str], list[float]]:
+    """(prompt_tokens, completion tokens, their log-probs) of a successful reply."""
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    steps = body["choices"][0]["logprobs"]["content"]
+    return (
+        body["usage"]["prompt_tokens"],
+        [s["token"] for s in steps],
+        [s["logprob"] for s in steps],
+    )
+
+
+@lru_cache(maxsize=8)
+def video_grid(model_dir: Path, video: Path) -> tuple[int, int]:
+    """(T, tokens per frame H'W') of the video as vLLM samples it, from the HF processor."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out = processor.video_processor(videos=[sampled_frames(video)], do_sample_frames=False)
+    t, h, w = out["video_grid_thw"][0].tolist()
+    merge = processor.video_processor.merge_size
+    return t, (h // merge) * (w // merge)
+
+
+def expected_tokens(model_dir: Path, video: Path, method: str, ratio: float) -> int:
+    t, per_frame = video_grid(model_dir, video)
+    unpruned = expected_prompt_tokens(model_dir, text=QUESTION, video=video)
+    return unpruned - t * per_frame + methods.get(method).kept_count(t, per_frame, ratio)
+
+
+def test_runner_patch_applied_in_worker(vl_server):
+    lines = [line for line in vl_server.log_text().splitlines() if PATCH_LOG_MARKER in line]
+    assert any("Worker" in line and "ModelRunner" in line for line in lines), lines
+
+
+def test_ratio_zero_matches_no_settings(vl_server, vl_tiny, clips):
+    video = clips["bigbuckbunny"]
+    plain = result(chat(vl_server, video))
+    assert plain[0] == expected_prompt_tokens(vl_tiny, text=QUESTION, video=video)
+    # ratio 0 (no pruning), and a ratio so small that the method keeps every token
+    for tokenzip in ({"method": "divprune", "ratio": 0.0}, {"method": "random", "ratio": 1e-4}):
+        prompt, tokens, logprobs = result(chat(vl_server, video, tokenzip))
+        assert prompt == expected_tokens(vl_tiny, video, tokenzip["method"], tokenzip["ratio"])
+        assert (prompt, tokens) == plain[:2]
+        assert logprobs == pytest.approx(plain[2], abs=1e-5)
+
+
+@pytest.mark.parametrize("clip", ["bigbuckbunny", "moving_16k"])
+@pytest.mark.parametrize("method", ["evs", "divprune", "uniform_spatial", "random"])
+def test_prompt_tokens_closed_form(vl_server, vl_tiny, clips, clip, method):
+    for ratio in (0.25, 0.5, 0.75):
+        prompt, tokens, _ = result(chat(vl_server, clips[clip], {"method": method, "ratio": ratio}))
+        assert prompt == expected_tokens(vl_tiny, clips[clip], method, ratio), ratio
+        assert len(tokens) == 4
+
+
+def test_concurrent_requests_match_solo(vl_server, clips):
+    """Different settings in one batch each give their solo result.
+
+    The solo pass spells the same settings as ``video_ratio`` so that its multimodal hash,
+    and hence its encoder and prefix cache entries, differ from the concurrent pass.
+    """
+    video = clips["bigbuckbunny"]
+    settings = [("divprune", 0.3), ("uniform_temporal", 0.6), ("dycoke", 0.4), ("evs", 0.7)]
+    with ThreadPoolExecutor(len(settings)) as pool:
+        replies = pool.map(
+            lambda s: chat(vl_server, video, {"method": s[0], "ratio": s[1]}), settings
+        )
+        together = [result(reply)[:2] for reply in replies]
+    solo = [
+        result(chat(vl_server, video, {"method": m, "video_ratio": r}))[:2] for m, r in settings
+    ]
+    assert together == solo
+    assert len({prompt for prompt, _ in solo}) == len(settings)
+
+
+@pytest.mark.parametrize(
+    ("tokenzip", "field"),
+    [
+        ({"method": "divprune", "ratio": 1.5}, "ratio"),
+        ({"method": "no-such-method", "ratio": 0.5}, "method"),
+        ({"method": "divprune", "ratoi": 0.5}, "ratoi"),
+        ({"method": "fastvid", "ratio": 0.5}, "fastvid"),
+    ],
+)
+def test_bad_settings_rejected_and_server_keeps_serving(vl_server, clips, tokenzip, field):
+    reply = chat(vl_server, clips["moving_16k"], tokenzip)
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"]["message"]
+    assert chat(vl_server, clips["moving_16k"]).status_code == 200
+
+
+def test_runner_patch_is_idempotent_and_covers_model_runner_v2():
+    """In-process: V2's pruner factory serves our adapters only; patching twice wraps once."""
+    from vllm.v1.worker import cpu_model_runner
+    from vllm.v1.worker.gpu.model_states import default
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    install_runner_patch()
+    install_runner_patch()
+    load_model = cpu_model_runner.CPUModelRunner.load_model
+    assert load_model._tokenzip_patched and not hasattr(load_model.__wrapped__, "_tokenzip_patched")
+    config = SimpleNamespace(multimodal_config=None, get_inputs_embeds_size=lambda: 8)
+    adapter = SimpleNamespace(**{ALWAYS_PRUNES_ATTR: True})
+    pruner = default.maybe_create_mm_pruner(config, adapter, object(), object())
+    assert isinstance(pruner, MultiModalPruner) and pruner.inputs_embeds_size == 8
+    assert default.maybe_create_mm_pruner(config, SimpleNamespace(), object(), object()) is None
+
+
+def test_count_mismatch_fails_loudly():
+    fields = {
+        METHOD_ID: torch.tensor(NO_METHOD),
+        RATIO: torch.tensor(0.0),
+        NUM_KEEP: torch.tensor(5),
+    }
+    with pytest.raises(
+        PruneCountMismatch, match="kept 8 video tokens but the processor promised 5"
+    ):
+        keep_indices(torch.zeros(8, 3), (2, 4, 4), 2, fields, lambda: torch.arange(8))

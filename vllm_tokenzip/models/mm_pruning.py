@@ -1,0 +1,254 @@
+"""Engine glue for per-request pruning on vLLM's multimodal-pruning path (vLLM 0.32-0.33).
+
+vLLM's path (see shared/design/VLLM_NOTES.md section 2): the processor emits the pruned number
+of placeholders, ``embed_multimodal`` returns the survivors with their M-RoPE positions
+appended as extra channels, and the model runner calls ``model.recompute_mrope_positions`` to
+strip the channels and rewrite the request's positions. The runners enable that last step only
+when the server-level ``--video-pruning-rate`` is set, and ``CPUModelRunner.load_model`` (which
+overrides the GPU runner's) never enables it. The CPU runner inherits the GPU runner's
+``_gather_mm_embeddings`` and its recompute branch, so setting the flag is the whole fix.
+
+This module holds what the model adapters share:
+
+- :func:`install_runner_patch`: makes every runner enable the path for models that set
+  ``ALWAYS_PRUNES_ATTR`` (our adapters), whatever the server flags. Called when an adapter
+  module is imported (the worker imports it before ``load_model``) and safe to call from the
+  plugin's ``register()``; idempotent; patches each runner module when it is imported (no
+  import cost in processes that never load a runner). The worker logs ``PATCH_LOG_MARKER`` (with the
+  runner's name) each time it enables the path: that line is how tests check it.
+- :func:`video_settings`: the request's settings, refusing methods the adapters cannot feed.
+- per-item fields the processors ship to the model (:data:`FIELD_NAMES`, :func:`video_fields`,
+  :func:`field_configs`) and :func:`strip_settings` for the HF processor call.
+- :func:`keep_indices`: the survivors of one video for the requested method, checked against
+  the count the processor promised.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
+
+import torch
+
+from vllm_tokenzip import methods
+from vllm_tokenzip.methods.base import Need, VideoInputs
+from vllm_tokenzip.settings import KWARGS_KEY, PruneSettings, SettingsError, resolve
+
+logger = logging.getLogger("vllm.tokenzip")
+
+ALWAYS_PRUNES_ATTR = "tokenzip_always_prunes"
+PATCH_LOG_MARKER = "tokenzip: multimodal-pruning runner path enabled"
+NO_METHOD = -1  # method id of items without tokenzip settings (stock behaviour)
+METHOD_ID, RATIO, NUM_KEEP = "tokenzip_method_id", "tokenzip_ratio", "tokenzip_num_keep"
+FIELD_NAMES = (METHOD_ID, RATIO, NUM_KEEP)
+
+
+class PruneCountMismatch(RuntimeError):
+    """The model produced a different number of embeddings than the processor promised."""
+
+
+# ---------------------------------------------------------------- runner patch (worker side)
+
+
+def _enable_if_adapter(runner: object) -> None:
+    """Turn on the runner's recompute path when its model is one of our adapters."""
+    if getattr(runner.get_model(), ALWAYS_PRUNES_ATTR, False):
+        runner.is_multimodal_pruning_enabled = True
+        logger.info("%s on %s", PATCH_LOG_MARKER, type(runner).__name__)
+
+
+def _wrap_load_model(cls: type) -> None:
+    """Make ``cls.load_model`` call :func:`_enable_if_adapter` after the original."""
+    original = cls.__dict__["load_model"]
+    if getattr(original, "_tokenzip_patched", False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _enable_if_adapter(self)
+
+    load_model._tokenzip_patched = True
+    cls.load_model = load_model
+
+
+def _patch_v1_gpu(module: ModuleType) -> None:
+    _wrap_load_model(module.GPUModelRunner)
+
+
+def _patch_v1_cpu(module: ModuleType) -> None:
+    _wrap_load_model(module.CPUModelRunner)
+
+
+def _patch_v2(module: ModuleType) -> None:
+    """Model Runner V2: create the ``MultiModalPruner`` for our adapters too."""
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    original = module.maybe_create_mm_pruner
+    if getattr(original, "_tokenzip_patched", False):
+        return
+
+    def maybe_create_mm_pruner(model_config, model, rope_state, encoder_cache):
+        pruner = original(model_config, model, rope_state, encoder_cache)
+        if (
+            pruner is None
+            and rope_state is not None
+            and encoder_cache is not None
+            and getattr(model, ALWAYS_PRUNES_ATTR, False)
+        ):
+            pruner = MultiModalPruner(
+                model, rope_state, encoder_cache, model_config.get_inputs_embeds_size()
+            )
+            logger.info("%s on ModelRunnerV2", PATCH_LOG_MARKER)
+        return pruner
+
+    maybe_create_mm_pruner._tokenzip_patched = True
+    module.maybe_create_mm_pruner = maybe_create_mm_pruner
+
+
+# vLLM module -> patch; the module names and patched functions are those of vLLM 0.32-0.33.
+_PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "vllm.v1.worker.gpu_model_runner": _patch_v1_gpu,
+    "vllm.v1.worker.cpu_model_runner": _patch_v1_cpu,
+    "vllm.v1.worker.gpu.model_states.default": _patch_v2,
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies ``_PATCHES[name]`` right after module ``name`` is executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        patch = _PATCHES.get(fullname)
+        if patch is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: ModuleType) -> None:
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install_runner_patch() -> None:
+    """Patch vLLM's model runners (0.32-0.33) so our adapters always get the recompute path.
+
+    Idempotent. Modules already imported are patched now, the others when first imported.
+    """
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+# ---------------------------------------------------------------- processor side
+
+
+def strip_settings(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """``kwargs`` without the ``tokenzip`` key, for the HF processor."""
+    return {k: v for k, v in kwargs.items() if k != KWARGS_KEY}
+
+
+def video_settings(kwargs: Mapping[str, object]) -> PruneSettings:
+    """The request's settings; SettingsError if the method cannot prune video from embeddings.
+
+    Methods that need the vision encoder's attention (fastvid, holitom, visionzip) or audio
+    (omnizip) are refused: the adapters do not capture those inputs.
+    """
+    settings = resolve(kwargs, methods.available())
+    if settings.method is None:
+        return settings
+    method = methods.get(settings.method)
+    missing = sorted(str(need) for need in method.needs - {Need.EMBEDDINGS})
+    if "video" not in method.modalities or missing:
+        video_only = [
+            name for name in methods.available()
+            if methods.get(name).needs == {Need.EMBEDDINGS}
+        ]  # fmt: skip
+        raise SettingsError(
+            f"method {settings.method!r} needs {missing}, "
+            f"which this model adapter does not capture; method must be one of {video_only}"
+        )
+    return settings
+
+
+def video_fields(
+    settings: PruneSettings,
+    grid_thw: torch.Tensor,
+    merge_size: int,
+    default_keep: Callable[[int, int], int],
+) -> dict[str, torch.Tensor]:
+    """Per-video fields shipped to the model, one row per video.
+
+    grid_thw: [V, 3] (T, H, W) patch grid of each video; merge_size: spatial merge factor.
+    default_keep(T, tokens_per_frame) -> int: the stock count, for requests without settings.
+    Returns {METHOD_ID: long [V], RATIO: float64 [V], NUM_KEEP: long [V]}.
+    """
+    _, video_ratio = settings.modality_ratios()
+    active = settings.enabled and video_ratio > 0
+    method = methods.get(settings.method) if active else None
+    method_id = methods.available().index(settings.method) if active else NO_METHOD
+    keep = []
+    for t, h, w in grid_thw.tolist():
+        per_frame = (h // merge_size) * (w // merge_size)
+        keep.append(
+            method.kept_count(t, per_frame, video_ratio) if method else default_keep(t, per_frame)
+        )
+    count = len(keep)
+    return {
+        METHOD_ID: torch.full((count,), method_id, dtype=torch.long),
+        RATIO: torch.full((count,), video_ratio if active else 0.0, dtype=torch.float64),
+        NUM_KEEP: torch.tensor(keep, dtype=torch.long),
+    }
+
+
+def field_configs(modality: str) -> dict[str, object]:
+    """``_get_mm_fields_config`` entries for :data:`FIELD_NAMES` (batched, kept on CPU)."""
+    from vllm.multimodal.inputs import MultiModalFieldConfig
+
+    return {name: MultiModalFieldConfig.batched(modality, keep_on_cpu=True) for name in FIELD_NAMES}
+
+
+# ---------------------------------------------------------------- model side
+
+
+def keep_indices(
+    embeds: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    fields: Mapping[str, torch.Tensor],
+    stock_keep: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Sorted indices of the surviving tokens of one video, exactly as many as promised.
+
+    embeds: [T * H' * W', D] post-merger embeddings (frame-major, raster order).
+    grid_thw: (T, H, W) patch grid; H' = H / merge_size, W' = W / merge_size.
+    fields: this video's METHOD_ID / RATIO / NUM_KEEP scalars.
+    stock_keep() -> LongTensor: stock behaviour for videos without tokenzip settings.
+    Returns LongTensor [NUM_KEEP]; raises PruneCountMismatch if the count differs.
+    """
+    method_id, promised = int(fields[METHOD_ID]), int(fields[NUM_KEEP])
+    t, h, w = grid_thw
+    grid_hw = (h // merge_size, w // merge_size)
+    if method_id == NO_METHOD:
+        name, kept = "stock", stock_keep()
+    else:
+        name = methods.available()[method_id]
+        frames = VideoInputs(embeds=embeds.reshape(t, grid_hw[0] * grid_hw[1], -1), grid_hw=grid_hw)
+        kept = methods.get(name).select(frames, promised)
+    if kept.numel() != promised:
+        raise PruneCountMismatch(
+            f"tokenzip: method {name!r} kept {kept.numel()} video tokens but the processor "
+            f"promised {promised} (grid {grid_thw}, ratio {float(fields[RATIO])})"
+        )
+    return kept.to(embeds.device)

@@ -1,0 +1,161 @@
+"""Qwen2.5-VL: per-request video pruning on vLLM's multimodal-pruning path.
+
+- Processor: reads the request's ``tokenzip`` settings (never passed to the HF processor),
+  emits exactly ``method.kept_count(T, H'*W', video_ratio)`` video placeholders and ships
+  (method id, ratio, promised count) to the model as per-video fields. Requests without
+  settings keep stock behaviour, including stock EVS under ``--video-pruning-rate``.
+- Model: always returns embeddings with the 4 M-RoPE channels of each survivor appended (its
+  original position), so the runner rewrites positions with the stock
+  ``recompute_mrope_positions`` (the runner patch in :mod:`.mm_pruning` enables that path on
+  every runner). A produced count differing from the promised one fails the request.
+- Methods needing the ViT's attention (fastvid, holitom, visionzip) or audio (omnizip) are
+  refused with a SettingsError (HTTP 400): the adapter does not capture those inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.video_prune.evs import (
+    compute_mrope_for_media,
+    compute_retained_tokens_count,
+    compute_retention_mask,
+)
+
+from vllm_tokenzip.models import mm_pruning
+
+mm_pruning.install_runner_patch()
+
+
+class TokenZipQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        return super().get_hf_processor(**mm_pruning.strip_settings(kwargs))
+
+
+class TokenZipQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+    """Emits the kept number of video placeholders and ships the settings to the model."""
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        return super()._call_hf_processor(hf_data, mm_pruning.strip_settings(hf_kwargs))
+
+    def _stock_count(self, num_frames: int, tokens_per_frame: int) -> int:
+        """Stock count: everything, or EVS's count under ``--video-pruning-rate``."""
+        rate = self.info.ctx.get_mm_config().video_pruning_rate
+        if rate:
+            return compute_retained_tokens_count(tokens_per_frame, num_frames, rate)
+        return num_frames * tokens_per_frame
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        processed_data = super()._postprocess_hf_mm_data(
+            mm_inputs, hf_processor_mm_kwargs, processed_data
+        )
+        if "video_grid_thw" in processed_data:
+            settings = mm_pruning.video_settings(hf_processor_mm_kwargs)
+            merge_size = self.info.get_hf_config().vision_config.spatial_merge_size
+            processed_data.update(
+                mm_pruning.video_fields(
+                    settings, processed_data["video_grid_thw"], merge_size, self._stock_count
+                )
+            )
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        return dict(
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            **mm_pruning.field_configs("video"),
+        )
+
+    def _get_prompt_updates(
+        self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs
+    ) -> Sequence[PromptUpdate]:
+        """Stock updates, with each video replaced by its promised number of placeholders."""
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+        def kept_placeholders(item_idx: int, video_token: list[int]) -> list[int]:
+            return video_token * int(out_mm_kwargs["video"][item_idx][mm_pruning.NUM_KEEP].data)
+
+        return [
+            PromptReplacement(
+                modality="video",
+                target=update.target,
+                replacement=partial(kept_placeholders, video_token=update.target),
+            )
+            if update.modality == "video"
+            else update
+            for update in updates
+        ]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenZipQwen2_5_VLProcessor,
+    info=TokenZipQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+    """Stock Qwen2.5-VL whose videos are pruned per request on the multimodal-pruning path."""
+
+    tokenzip_always_prunes = True  # mm_pruning.ALWAYS_PRUNES_ATTR: runner recomputes positions
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        # Stock appends position channels (images and videos) only under this flag.
+        self.is_multimodal_pruning_enabled = True
+        self._video_fields: dict[str, torch.Tensor] = {}
+
+    def embed_multimodal(self, **kwargs: object):
+        """Stock embedding; the per-video tokenzip fields are read by the video postprocess."""
+        self._video_fields = {
+            name: kwargs.pop(name) for name in mm_pruning.FIELD_NAMES if name in kwargs
+        }
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._video_fields = {}
+
+    def _postprocess_video_embeds_evs(
+        self, video_embeds_split: tuple[torch.Tensor, ...], video_input
+    ) -> tuple[torch.Tensor, ...]:
+        """Prune each video ([T*H'*W', D]) to its promised count; append 4 position channels.
+
+        Returns one [num_keep, D + 4] tensor per video; the channels are the survivor's
+        original (t, h, w, llm_grid_w) M-RoPE position.
+        """
+        merge_size = self.visual.spatial_merge_size
+        tokens_per_second = self.config.vision_config.tokens_per_second
+        second_per_grid_ts = video_input.get("second_per_grid_ts")
+        if second_per_grid_ts is None:
+            raise ValueError("second_per_grid_ts is required to place pruned video tokens")
+        out = []
+        grids = video_input["video_grid_thw"].tolist()
+        for i, (emb, grid) in enumerate(zip(video_embeds_split, grids, strict=True)):
+            fields = {name: values[i] for name, values in self._video_fields.items()}
+            keep = mm_pruning.keep_indices(
+                emb, tuple(grid), merge_size, fields, partial(self._stock_keep, emb, grid)
+            )
+            positions = compute_mrope_for_media(
+                grid,
+                merge_size,
+                tokens_per_second=tokens_per_second,
+                video_second_per_grid=second_per_grid_ts[i].long().item(),
+            ).to(emb.device)
+            out.append(torch.cat([emb[keep], positions[keep]], dim=1))
+        return tuple(out)
+
+    def _stock_keep(self, emb: torch.Tensor, grid: list[int]) -> torch.Tensor:
+        """Stock survivors: EVS's under ``--video-pruning-rate``, else all. LongTensor [K]."""
+        if not self.video_pruning_rate:
+            return torch.arange(emb.shape[0], device=emb.device)
+        mask = compute_retention_mask(
+            emb, grid, spatial_merge_size=self.visual.spatial_merge_size, q=self.video_pruning_rate
+        )
+        return mask.nonzero().squeeze(1)
