@@ -1,7 +1,8 @@
 """Session fixtures: locally built models, cached media, and one vLLM server per model.
 
 Everything is built under the tokenzip cache ($TOKENZIP_CACHE, default ~/.cache/vllm_tokenzip);
-server logs go to pytest's temporary directory.
+server logs go to pytest's temporary directory. Servers run in float32 (vLLM would pick bfloat16
+on CPU) so their log-probs can be compared with a Hugging Face reference forward.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pytest
 from vllm_tokenzip import media
 from vllm_tokenzip.launch import Server, start_server
 from vllm_tokenzip.model_builder import build_model
+
+SERVER_ARGS = ["--dtype", "float32"]
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +44,12 @@ def clips() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def omni_server(omni_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "omni-server.log"
-    with start_server(omni_tiny, log_path=log) as server:
+    with start_server(omni_tiny, SERVER_ARGS, log_path=log) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def vl_server(vl_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "vl-server.log"
-    with start_server(vl_tiny, log_path=log) as server:
+    with start_server(vl_tiny, SERVER_ARGS, log_path=log) as server:
         yield server
