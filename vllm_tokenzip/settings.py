@@ -109,3 +109,33 @@ def resolve(mm_kwargs: Mapping[str, object], available_methods: list[str]) -> Pr
         for name in FIELDS
     }  # fmt: skip
     return PruneSettings(**merged)
+
+
+OMNIZIP_AUDIO_SHARE = 0.5  # audio pruned at half the overall ratio (paper defaults 0.3 / 0.6)
+
+
+def omnizip_split(
+    ratio: float, num_audio: int, num_video: int, *, contextual_ratio: float = 0.05
+) -> tuple[float, float]:
+    """(audio_ratio, video_ratio) for OmniZip that keep exactly ``N - round(ratio * N)`` tokens.
+
+    N = num_audio + num_video, the item's audio and video tokens (known in the processor).
+    With video, audio is pruned at ``OMNIZIP_AUDIO_SHARE * ratio`` and the video ratio is
+    chosen so that the video keeps the rest; audio alone (or video alone) takes the whole
+    budget. Exact unless the rest falls outside [1, num_video] video tokens (or the audio
+    budget is below one dominant token plus the ``contextual_ratio`` anchors); then the
+    nearest bound is kept. The kept counts follow ``omnizip_kept_counts``.
+    """
+    from vllm_tokenzip.methods.omnizip import audio_split_counts
+
+    parse_ratio("ratio", ratio)
+    total = num_audio + num_video
+    target = total - round(ratio * total)
+    if not num_video:
+        anchors = round(contextual_ratio * num_audio)
+        dominant = min(max(target - anchors, 1), num_audio)
+        return (1 - dominant / num_audio if num_audio else 0.0), 0.0
+    audio_ratio = ratio * OMNIZIP_AUDIO_SHARE if num_audio else 0.0
+    kept_audio = sum(audio_split_counts(num_audio, audio_ratio, contextual_ratio, 1))
+    kept_video = min(max(target - kept_audio, 1), num_video)
+    return audio_ratio, (num_video - kept_video) / num_video
