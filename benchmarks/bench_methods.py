@@ -29,6 +29,7 @@ AUDIO_TOKEN_ID = 151646  # Qwen2.5-Omni <|AUDIO|>
 VIDEO_TOKEN_ID = 151656  # Qwen2.5-Omni <|VIDEO|>
 TEXT_TOKEN_ID = 1000
 AUDIO_PER_CHUNK = 50  # LLM audio tokens per 2-s chunk of the use_audio_in_video layout
+ENCODER_TOKENS_PER_SECOND = 50  # audio-encoder tokens (before the stride-2 pooling to 25 / s)
 STEPS_PER_CHUNK = 2  # temporal grid steps (1 s each) per 2-s chunk
 
 SIZES = {
@@ -112,7 +113,7 @@ def omni_layout(steps: int, tokens_per_step: int, num_audio: int) -> torch.Tenso
 def time_omnizip(size: dict, dtype: torch.dtype, seed: int, repeats: int) -> dict[str, object]:
     """Audio saliency on encoder Q/K [H, T_enc, d], then OmniZip's engine and reference forms."""
     gen = torch.Generator().manual_seed(seed)
-    encoder_tokens = size["steps"] * 2 * AUDIO_PER_CHUNK  # 50 audio-encoder tokens per second
+    encoder_tokens = size["steps"] * ENCODER_TOKENS_PER_SECOND  # steps are 1 s each
     q, k = (
         torch.randn(size["heads"], encoder_tokens, size["head_dim"], generator=gen).to(dtype)
         for _ in range(2)
