@@ -7,8 +7,9 @@ STAMP := $(VENV)/.tokenzip-ready
 
 .PHONY: setup demo test lint bench-methods
 
-$(STAMP): pyproject.toml scripts/setup_cpu.sh
+$(STAMP): pyproject.toml scripts/setup_cpu.sh scripts/setup_deploy_tools.sh
 	bash scripts/setup_cpu.sh $(VENV)
+	bash scripts/setup_deploy_tools.sh $(VENV)
 	touch $@
 
 setup: $(STAMP)

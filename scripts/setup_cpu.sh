@@ -30,7 +30,7 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip
-"${PIP[@]}" -e '.[cpu,test]'
+"${PIP[@]}" -e '.[cpu,test,bench]'
 # PyPI's torchaudio/torchcodec are CUDA builds that raise OSError on import beside CPU torch.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -m vllm_tokenzip.cpu_compat install

@@ -7,16 +7,21 @@ on CPU) so their log-probs can be compared with a Hugging Face reference forward
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tokenzip_server.launcher import MIDDLEWARE
 
 from vllm_tokenzip import media
 from vllm_tokenzip.launch import Server, start_server
 from vllm_tokenzip.model_builder import build_model
 
 SERVER_ARGS = ["--dtype", "float32"]
+# Each vLLM worker reserves this much KV cache in RAM; tiny models need a few MB per sequence,
+# and several test servers (and offline engines) share the machine's 24 GiB.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # whole GiB: vLLM parses an int
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +55,9 @@ def omni_server(omni_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def vl_server(vl_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
+    """The tiny Qwen2.5-VL with the TokenZip middleware (as `tokenzip serve` runs it) and no
+    server-default settings: requests without X-TokenZip headers behave as plain vLLM."""
     log = tmp_path_factory.mktemp("logs") / "vl-server.log"
-    with start_server(vl_tiny, SERVER_ARGS, log_path=log) as server:
+    args = [*SERVER_ARGS, "--middleware", MIDDLEWARE]
+    with start_server(vl_tiny, args, log_path=log, env={"TOKENZIP_DEFAULTS": ""}) as server:
         yield server

@@ -44,3 +44,21 @@ def test_register_refuses_unsupported_vllm(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
     with pytest.raises(plugin.UnsupportedVLLMVersion, match=r"installed vLLM is 0\.31\.0"):
         plugin.register()
+
+
+def test_every_package_is_listed_for_wheels():
+    """pyproject lists packages explicitly (server/ installs as tokenzip_server)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in root.glob("vllm_tokenzip/**/__init__.py")
+    }
+    found |= {"tokenzip_server." + ".".join(p.parent.relative_to(root / "server").parts)
+              for p in (root / "server").glob("*/**/__init__.py")}  # fmt: skip
+    assert found - listed == set()

@@ -1,4 +1,4 @@
-"""``tokenzip`` command line: build local models and media, run the demo."""
+"""``tokenzip`` command line: build local models and media, run the demo, serve."""
 
 from __future__ import annotations
 
@@ -41,7 +41,13 @@ def cmd_make_media(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vllm_tokenzip.demo import run_demo
 
-    return run_demo(size=args.size, question=args.question)
+    return run_demo(size=args.size, question=args.question, method=args.method, ratio=args.ratio)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenzip_server.launcher import serve
+
+    return serve(args, args.vllm_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the Omni model and send bigbuckbunny with sound")
     demo.add_argument("--size", choices=list(SIZES), default="tiny")
     demo.add_argument("--question", default="What happens in this clip, and what do you hear?")
+    demo.add_argument("--method", default="omnizip", help="compression method (X-TokenZip-Method)")
+    demo.add_argument(
+        "--ratio", type=float, default=0.55, help="fraction of audio+video tokens to prune"
+    )
     demo.set_defaults(func=cmd_demo)
+
+    from tokenzip_server.launcher import configure_parser
+
+    serve = sub.add_parser("serve", help="run vllm serve with the plugin's flags and middleware",
+                           description="Run vLLM's OpenAI server with TokenZip.")  # fmt: skip
+    configure_parser(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from vllm_tokenzip import bench
+
+    bench.configure_parser(sub.add_parser("bench", help="load running servers: baseline vs ratios"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.vllm_args = rest
     started = time.monotonic()
     code = args.func(args)
     print(f"[tokenzip {args.command}: {time.monotonic() - started:.1f} s]", file=sys.stderr)

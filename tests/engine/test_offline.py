@@ -16,7 +16,7 @@ SETTINGS = [None, {"method": "divprune", "ratio": 0.5}, {"method": "evs", "ratio
 def run_offline(model, video, max_batched_tokens: int) -> list[dict]:
     cmd = [sys.executable, "-m", "tests.engine.offline_run", str(model), str(video),
            str(max_batched_tokens), json.dumps(SETTINGS)]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]

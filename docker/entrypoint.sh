@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Entry point of the TokenZip images: `vllm serve` plus the plugin's serving flags.
+#
+# Like vLLM's own image (ENTRYPOINT ["vllm", "serve"]), the container's arguments are
+# vllm serve's arguments: `docker run IMAGE --model Qwen/Qwen2.5-VL-7B-Instruct --port 8000`.
+# Appended unless the arguments already carry them:
+#   --middleware tokenzip_server.middleware.TokenZipMiddleware   (X-TokenZip-* headers)
+#   --trust-request-mm-kwargs                                     (per-request settings)
+# TOKENZIP_MIDDLEWARE=0 leaves the middleware out. Server defaults travel in
+# $TOKENZIP_DEFAULTS (JSON, e.g. '{"method": "divprune"}'), read by the model adapters.
+set -euo pipefail
+
+readonly MIDDLEWARE="tokenzip_server.middleware.TokenZipMiddleware"
+
+# has ARG ARGS...: whether ARG is one of ARGS.
+has() {
+    local wanted="$1" arg
+    shift
+    for arg in "$@"; do
+        [[ "$arg" == "$wanted" ]] && return 0
+    done
+    return 1
+}
+
+flags=()
+if [[ "${TOKENZIP_MIDDLEWARE:-1}" != "0" ]] && ! has "$MIDDLEWARE" "$@"; then
+    flags+=(--middleware "$MIDDLEWARE")
+fi
+if ! has --trust-request-mm-kwargs "$@"; then
+    flags+=(--trust-request-mm-kwargs)
+fi
+
+exec vllm serve "$@" "${flags[@]}"
