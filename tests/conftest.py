@@ -48,8 +48,10 @@ def clips() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def omni_server(omni_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
+    """The tiny Qwen2.5-Omni thinker, served like ``vl_server``."""
     log = tmp_path_factory.mktemp("logs") / "omni-server.log"
-    with start_server(omni_tiny, SERVER_ARGS, log_path=log) as server:
+    args = [*SERVER_ARGS, "--middleware", MIDDLEWARE]
+    with start_server(omni_tiny, args, log_path=log, env={"TOKENZIP_DEFAULTS": ""}) as server:
         yield server
 
 

@@ -1,8 +1,12 @@
 """Expected prompt sizes, computed without vLLM: PyAV decodes the media and the checkpoint's own
 Hugging Face processor counts the tokens.
 
-vLLM samples a video's frames uniformly at 2 fps, at most 32 (its default for these models):
-n = max(1, min(32, total_frames, floor(duration_s * 2))), indices linspace(0, total - 1, n).
+vLLM loads Qwen2-VL / Qwen2.5-VL videos with its ``qwen2_vl`` loader (a port of transformers'
+``Qwen2VLVideoProcessor.sample_frames`` in fps mode), re-implemented here. With ``total`` the
+container's frame count and ``fps`` its frame rate:
+n = total / fps * 2, clamped to [4, min(768, total) rounded down to even] and to ``total``,
+then rounded down to even (the temporal patch size); indices are
+int(torch.arange(0, total, total / n)) in float32, the last clamped to total - 1.
 """
 
 from __future__ import annotations
@@ -13,20 +17,29 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
-MAX_FRAMES = 32
+MIN_FRAMES, MAX_FRAMES = 4, 768
 SAMPLING_FPS = 2
+TEMPORAL_PATCH = 2
+
+
+def frame_indices(total: int, fps: float) -> list[int]:
+    """Indices of the frames vLLM's ``qwen2_vl`` loader keeps from ``total`` frames at ``fps``."""
+    cap = math.floor(min(MAX_FRAMES, total) / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    count = min(max(total / fps * SAMPLING_FPS, MIN_FRAMES), cap, total)
+    count = math.floor(count / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    picks = torch.arange(0, total, total / count).int().clamp(max=total - 1)
+    return picks.tolist()
 
 
 def sampled_frames(path: Path) -> np.ndarray:
     """[n, H, W, 3] uint8 frames, sampled as vLLM samples them."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        duration = float(stream.duration * stream.time_base)
+        total, fps = stream.frames, float(stream.average_rate)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    count = max(1, min(MAX_FRAMES, len(frames), math.floor(duration * SAMPLING_FPS)))
-    picks = np.linspace(0, len(frames) - 1, count, dtype=int)
-    return np.stack([frames[i] for i in picks])
+    return np.stack([frames[i] for i in frame_indices(total or len(frames), fps)])
 
 
 def audio_16k_mono(path: Path) -> np.ndarray:

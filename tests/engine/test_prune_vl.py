@@ -8,13 +8,15 @@ forms: the HF processor's unpruned prompt length, minus the video's T * H'W' tok
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import requests
 import torch
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
 from tests.media_expect import expected_prompt_tokens, sampled_frames
 from vllm_tokenzip import methods
@@ -25,11 +27,15 @@ from vllm_tokenzip.models.mm_pruning import (
     NO_METHOD,
     NUM_KEEP,
     PATCH_LOG_MARKER,
+    POSITION_CHANNELS,
     RATIO,
     PruneCountMismatch,
+    decode_positions,
+    encode_positions,
     install_runner_patch,
     keep_indices,
 )
+from vllm_tokenzip.models.qwen2_5_vl import TokenZipQwen2_5_VL
 
 QUESTION = "What happens here?"
 
@@ -164,3 +170,101 @@ def test_count_mismatch_fails_loudly():
         PruneCountMismatch, match="kept 8 video tokens but the processor promised 5"
     ):
         keep_indices(torch.zeros(8, 3), (2, 4, 4), 2, fields, lambda: torch.arange(8))
+
+
+# ---------------------------------------------------------------- positions (in-process)
+
+VISION_START, IMAGE, VIDEO, TEXT = 1, 2, 3, 7
+POSITIONS_CONFIG = SimpleNamespace(
+    vision_config=SimpleNamespace(spatial_merge_size=2, tokens_per_second=2),
+    vision_start_token_id=VISION_START,
+    image_token_id=IMAGE,
+    video_token_id=VIDEO,
+)
+
+
+def test_position_digits_round_trip_in_bf16():
+    values = torch.cat([torch.arange(0, 100_001, 7), torch.tensor([255, 256, 257, 16383, 16384])])
+    values = values[torch.randperm(len(values))][: len(values) // 4 * 4].reshape(-1, 4)
+    channels = encode_positions(values).bfloat16()
+    assert channels.shape == (len(values), POSITION_CHANNELS)
+    assert torch.equal(decode_positions(channels), values)
+
+
+def fake_adapter(pruning_rate: float | None) -> SimpleNamespace:
+    """Just enough of a TokenZipQwen2_5_VL (no weights) to run its position code."""
+    adapter = SimpleNamespace(
+        config=POSITIONS_CONFIG,
+        visual=SimpleNamespace(spatial_merge_size=2),
+        video_pruning_rate=pruning_rate,
+        _video_fields={},
+    )
+    adapter._stock_keep = partial(TokenZipQwen2_5_VL._stock_keep, adapter)
+    adapter.iter_mm_grid_thw = partial(Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw, adapter)
+    return adapter
+
+
+def media_prompt(modality: str, grid: list[int], second_per_grid: float, count: int):
+    """(token ids [N], mm feature) for: 5 text, vision_start, ``count`` media tokens, 4 text."""
+    token = IMAGE if modality == "image" else VIDEO
+    ids = [TEXT] * 5 + [VISION_START] + [token] * count + [TEXT] * 4
+    data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid))}
+    if modality == "video":
+        data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(second_per_grid))
+    feature = SimpleNamespace(modality=modality, data=data, mm_position=SimpleNamespace(offset=6))
+    return ids, feature
+
+
+@pytest.mark.parametrize(
+    ("modality", "grid", "second_per_grid"),
+    [
+        ("video", [20, 16, 8], 1.0),  # portrait: text continues after t (38), not w (4)
+        ("video", [10, 8, 16], 1.075),  # 10.75 s at 4 fps: t = int(k * 2.15)
+        ("video", [300, 4, 4], 1.0),  # long: positions past 256, inexact as raw bf16
+        ("image", [1, 16, 8], 1.0),  # portrait image: text continues after h
+    ],
+)
+@pytest.mark.parametrize("pruning_rate", [None, 0.5])
+def test_recompute_matches_stock_positions(modality, grid, second_per_grid, pruning_rate):
+    """bf16 embeddings through the adapter's postprocess and recompute land every kept token
+    (and the text after it) at stock vLLM's unpruned position, with stock's decode delta."""
+    adapter = fake_adapter(pruning_rate if modality == "video" else None)
+    full = grid[0] * (grid[1] // 2) * (grid[2] // 2)
+    ids, feature = media_prompt(modality, grid, second_per_grid, full)
+    stock, stock_delta = Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(
+        adapter, ids, [feature]
+    )
+    embeds = torch.randn(full, 8).bfloat16()
+    media_input = {key: value.data[None] for key, value in feature.data.items()}
+    if modality == "video":
+        count = full if pruning_rate is None else compute_retained_tokens_count(
+            full // grid[0], grid[0], pruning_rate
+        )  # fmt: skip
+        adapter._video_fields = {METHOD_ID: torch.tensor([NO_METHOD]), RATIO: torch.zeros(1),
+                                 NUM_KEEP: torch.tensor([count])}  # fmt: skip
+        (pruned,) = TokenZipQwen2_5_VL._postprocess_video_embeds_evs(
+            adapter, (embeds,), media_input
+        )
+    else:
+        (pruned,) = TokenZipQwen2_5_VL._postprocess_image_embeds_evs(
+            adapter, (embeds,), media_input
+        )
+    kept_ids, _ = media_prompt(modality, grid, second_per_grid, len(pruned))
+    kept = kept_columns(adapter, embeds, grid, ids, len(pruned))
+    start = torch.zeros(3, len(kept_ids), dtype=torch.long)
+    start[:, :6] = stock[:, :6]  # the runner's positions up to vision_start are stock's
+    (stripped,), positions, delta = TokenZipQwen2_5_VL.recompute_mrope_positions(
+        adapter, kept_ids, [pruned], start, 0
+    )
+    assert stripped.shape == (len(pruned), 8) and torch.equal(stripped, embeds[kept[6:-4] - 6])
+    assert torch.equal(positions, stock[:, kept])
+    assert delta == stock_delta + len(ids) - len(kept_ids)
+
+
+def kept_columns(
+    adapter: SimpleNamespace, embeds: torch.Tensor, grid: list[int], ids: list[int], count: int
+) -> torch.Tensor:
+    """Columns [N'] of the unpruned prompt ``ids`` [N] that survive stock pruning."""
+    media = torch.arange(count) if count == len(embeds) else adapter._stock_keep(embeds, grid)
+    columns = torch.arange(len(ids))
+    return torch.cat([columns[:6], media + 6, columns[6 + len(embeds) :]])

@@ -21,6 +21,9 @@ This module holds what the model adapters share:
   :func:`field_configs`) and :func:`strip_settings` for the HF processor call.
 - :func:`keep_indices`: the survivors of one video for the requested method, checked against
   the count the processor promised.
+- :func:`media_positions`, :func:`encode_positions`, :func:`decode_positions`: the M-RoPE
+  position channels appended to the survivors, as base-128 digits so that they stay exact in
+  bfloat16 embeddings (which hold integers exactly only up to 256).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from vllm_tokenzip import methods
@@ -46,6 +50,9 @@ PATCH_LOG_MARKER = "tokenzip: multimodal-pruning runner path enabled"
 NO_METHOD = -1  # method id of items without tokenzip settings (stock behaviour)
 METHOD_ID, RATIO, NUM_KEEP = "tokenzip_method_id", "tokenzip_ratio", "tokenzip_num_keep"
 FIELD_NAMES = (METHOD_ID, RATIO, NUM_KEEP)
+DIGIT_BASE = 128  # position channels: 3 base-128 digits per value, exact in bf16
+DIGITS = 3
+POSITION_CHANNELS = 4 * DIGITS  # 4 values per token, DIGITS channels each
 
 
 class PruneCountMismatch(RuntimeError):
@@ -252,3 +259,37 @@ def keep_indices(
             f"promised {promised} (grid {grid_thw}, ratio {float(fields[RATIO])})"
         )
     return kept.to(embeds.device)
+
+
+def media_positions(
+    grid_thw: tuple[int, int, int], merge_size: int, t_factor: float
+) -> torch.Tensor:
+    """Unpruned M-RoPE layout of one image or video, as stock vLLM's get_mrope_input_positions.
+
+    grid_thw: (T, H, W) patch grid; tokens are (T, H', W') raster order with H' = H / merge_size.
+    t_factor: tokens_per_second * second_per_grid_ts for videos (float, not truncated), 1 for
+    images; the temporal index is int64(t * t_factor), computed in float64 like stock.
+    Returns LongTensor [T * H' * W', 4]: (t, h, w, next) relative to the item's start, where
+    ``next`` = max over all the item's (t, h, w) + 1 is where the following text starts (vLLM's
+    ``recompute_mrope_positions`` places it at base + channel 3).
+    """
+    t, h, w = grid_thw
+    grid = np.indices((t, h // merge_size, w // merge_size)).reshape(3, -1)
+    grid[0] = (grid[0] * t_factor).astype(np.int64)
+    following = np.full((1, grid.shape[1]), grid.max(initial=-1) + 1)
+    return torch.from_numpy(np.concatenate([grid, following]).T.copy())
+
+
+def encode_positions(values: torch.Tensor) -> torch.Tensor:
+    """values: [K, 4] non-negative long -> [K, 4 * DIGITS] float base-128 digits (low first)."""
+    if values.numel() and int(values.max()) >= DIGIT_BASE**DIGITS:
+        raise ValueError(f"position {int(values.max())} too large for the position channels")
+    digits = [(values // DIGIT_BASE**d) % DIGIT_BASE for d in range(DIGITS)]
+    return torch.stack(digits, dim=-1).reshape(len(values), -1).float()
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """channels: [K, 4 * DIGITS] from :func:`encode_positions` -> [K, 4] long."""
+    digits = channels.float().round().long().reshape(len(channels), 4, DIGITS)
+    scale = DIGIT_BASE ** torch.arange(DIGITS, device=channels.device)
+    return (digits * scale).sum(-1)

@@ -84,6 +84,8 @@ from vllm_tokenzip.models.mm_pruning import (
     NUM_KEEP,
     RATIO,
     PruneCountMismatch,
+    decode_positions,
+    encode_positions,
 )
 from vllm_tokenzip.settings import PruneSettings, SettingsError, omnizip_split, resolve
 
@@ -105,10 +107,6 @@ AUDIO_STATS = "tokenzip_audio_stats"
 VIDEO_FIELDS = (METHOD_ID, RATIO, NUM_KEEP, AV_AUDIO_RATIO, AV_FEATURES, AV_LENGTHS, VIDEO_STATS)
 AUDIO_FIELDS = (AUDIO_METHOD_ID, AUDIO_RATIO, AUDIO_NUM_KEEP, AUDIO_STATS)
 STATS_KEYS = ("method", "audio_original", "audio_kept", "video_original", "video_kept")
-
-DIGIT_BASE = 128  # position channels: 3 base-128 digits per value, exact in bf16
-DIGITS = 3
-POSITION_CHANNELS = 4 * DIGITS  # (t, h, w, row)
 
 
 # ---------------------------------------------------------------- settings and counts
@@ -229,7 +227,10 @@ class TokenZipQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
                 )
             )
         if len(lengths):
-            processed_data.update(self._audio_fields(settings, method_id, num_audio))
+            audio = self._audio_fields(settings, method_id, num_audio)
+            if with_audio:  # the video items own (and count) their audio
+                audio[AUDIO_STATS][:, 1:] = 0
+            processed_data.update(audio)
         return processed_data
 
     def _video_fields(
@@ -344,21 +345,6 @@ class TokenZipQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
 
 
 # ---------------------------------------------------------------- model helpers
-
-
-def encode_positions(values: torch.Tensor) -> torch.Tensor:
-    """values: [K, 4] non-negative long -> [K, 4 * DIGITS] float base-128 digits (low first)."""
-    if values.numel() and int(values.max()) >= DIGIT_BASE**DIGITS:
-        raise ValueError(f"position {int(values.max())} too large for the position channels")
-    digits = [(values // DIGIT_BASE**d) % DIGIT_BASE for d in range(DIGITS)]
-    return torch.stack(digits, dim=-1).reshape(len(values), -1).float()
-
-
-def decode_positions(channels: torch.Tensor) -> torch.Tensor:
-    """channels: [K, 4 * DIGITS] from :func:`encode_positions` -> [K, 4] long."""
-    digits = channels.float().round().long().reshape(len(channels), 4, DIGITS)
-    scale = DIGIT_BASE ** torch.arange(DIGITS, device=channels.device)
-    return (digits * scale).sum(-1)
 
 
 def media_run(mm_position) -> tuple[int, int]:

@@ -4,10 +4,14 @@
   emits exactly ``method.kept_count(T, H'*W', video_ratio)`` video placeholders and ships
   (method id, ratio, promised count) to the model as per-video fields. Requests without
   settings keep stock behaviour, including stock EVS under ``--video-pruning-rate``.
-- Model: always returns embeddings with the 4 M-RoPE channels of each survivor appended (its
-  original position), so the runner rewrites positions with the stock
-  ``recompute_mrope_positions`` (the runner patch in :mod:`.mm_pruning` enables that path on
-  every runner). A produced count differing from the promised one fails the request.
+- Model: always returns image and video embeddings with each survivor's M-RoPE position
+  appended as ``POSITION_CHANNELS`` base-128 digits (exact in bfloat16; stock's 4 raw channels
+  are not past 256): (t, h, w) relative to the item, with t = int64(t * tokens_per_second *
+  second_per_grid_ts) as stock (no truncated second_per_grid_ts), and the item's unpruned
+  max + 1 where stock has llm_grid_w, so the text after it continues where unpruned stock's
+  does. :meth:`recompute_mrope_positions` decodes the digits and calls vLLM's
+  ``evs.recompute_mrope_positions`` (the runner patch in :mod:`.mm_pruning` enables that path
+  on every runner). A produced count differing from the promised one fails the request.
 - Methods needing the ViT's attention (fastvid, holitom, visionzip) or audio (omnizip) are
   refused with a SettingsError (HTTP 400): the adapter does not capture those inputs.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (
@@ -26,11 +31,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
-from vllm.multimodal.video_prune.evs import (
-    compute_mrope_for_media,
-    compute_retained_tokens_count,
-    compute_retention_mask,
-)
+from vllm.multimodal.video_prune import evs
+from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
 
 from vllm_tokenzip.models import mm_pruning
 
@@ -122,13 +124,23 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         finally:
             self._video_fields = {}
 
-    def _postprocess_video_embeds_evs(
-        self, video_embeds_split: tuple[torch.Tensor, ...], video_input
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Mapping[str, Any]
     ) -> tuple[torch.Tensor, ...]:
-        """Prune each video ([T*H'*W', D]) to its promised count; append 4 position channels.
+        """Append each image's ([H'*W', D]) encoded positions: [H'*W', D + POSITION_CHANNELS]."""
+        merge_size = self.visual.spatial_merge_size
+        grids = image_input["image_grid_thw"].tolist()
+        return tuple(
+            with_positions(emb, mm_pruning.media_positions(tuple(grid), merge_size, 1.0))
+            for emb, grid in zip(image_embeds_split, grids, strict=True)
+        )
 
-        Returns one [num_keep, D + 4] tensor per video; the channels are the survivor's
-        original (t, h, w, llm_grid_w) M-RoPE position.
+    def _postprocess_video_embeds_evs(
+        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, ...]:
+        """Prune each video ([T*H'*W', D]) to its promised count; append encoded positions.
+
+        Returns one [num_keep, D + POSITION_CHANNELS] tensor per video.
         """
         merge_size = self.visual.spatial_merge_size
         tokens_per_second = self.config.vision_config.tokens_per_second
@@ -142,14 +154,39 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             keep = mm_pruning.keep_indices(
                 emb, tuple(grid), merge_size, fields, partial(self._stock_keep, emb, grid)
             )
-            positions = compute_mrope_for_media(
-                grid,
-                merge_size,
-                tokens_per_second=tokens_per_second,
-                video_second_per_grid=second_per_grid_ts[i].long().item(),
-            ).to(emb.device)
-            out.append(torch.cat([emb[keep], positions[keep]], dim=1))
+            t_factor = tokens_per_second * float(second_per_grid_ts[i])
+            positions = mm_pruning.media_positions(tuple(grid), merge_size, t_factor)
+            out.append(with_positions(emb[keep], positions[keep.cpu()]))
         return tuple(out)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """Decode the survivors' position digits and rewrite the request's positions.
+
+        multimodal_embeddings: this step's [k, D + POSITION_CHANNELS] slices; mrope_positions:
+        [3, N] for the whole prompt. Returns (embeddings [k, D], positions [3, N], delta), as
+        vLLM's ``evs.recompute_mrope_positions`` computes them from the decoded (t, h, w, next).
+        """
+        embeds = multimodal_embeddings
+        device = embeds[0].device if embeds else mrope_positions.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        width = mm_pruning.POSITION_CHANNELS
+        decoded = [mm_pruning.decode_positions(mm[:, -width:]).T for mm in embeds]
+        positions, delta = evs.recompute_mrope_positions(
+            ids,
+            decoded,
+            mrope_positions,
+            num_computed_tokens,
+            self.config.vision_start_token_id,
+            self.config.image_token_id,
+            self.config.video_token_id,
+        )
+        return [mm[:, :-width] for mm in embeds], positions, int(delta)
 
     def _stock_keep(self, emb: torch.Tensor, grid: list[int]) -> torch.Tensor:
         """Stock survivors: EVS's under ``--video-pruning-rate``, else all. LongTensor [K]."""
@@ -159,3 +196,8 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             emb, grid, spatial_merge_size=self.visual.spatial_merge_size, q=self.video_pruning_rate
         )
         return mask.nonzero().squeeze(1)
+
+
+def with_positions(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """embeds [K, D], positions [K, 4] long -> [K, D + POSITION_CHANNELS] in embeds' dtype."""
+    return torch.cat([embeds, mm_pruning.encode_positions(positions).to(embeds)], dim=1)
