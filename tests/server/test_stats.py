@@ -153,3 +153,22 @@ def test_metrics_in_multiprocess_mode(tmp_path):
     labels = {"model_name": "m", "modality": "video"}
     assert registry.get_sample_value("tokenzip_tokens_kept_total", labels) == 50
     assert registry.get_sample_value("tokenzip_ratio_achieved_count", {"model_name": "m"}) == 2
+
+
+def test_kv_policy_adds_the_eviction_scheduler_and_worker():
+    args, rest = serve_args("/m", "--kv-policy", "snapkv", "--kv-budget", "512")
+    argv, env = launcher.build_command(args, rest, on_cpu=True)
+    assert argv[argv.index("--scheduler-cls") + 1] == "vllm_tokenzip.kv.scheduler.EvictingScheduler"
+    assert argv[argv.index("--worker-cls") + 1] == "vllm_tokenzip.kv.worker.EvictingCPUWorker"
+    assert env["TOKENZIP_KV_POLICY"] == "snapkv" and env["TOKENZIP_KV_BUDGET"] == "512"
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    plain, _ = launcher.build_command(*serve_args("/m"), on_cpu=True)
+    assert "--scheduler-cls" not in plain
+
+
+@pytest.mark.parametrize(
+    "argv", [("--kv-budget", "64"), ("--kv-policy", "h2o", "--kv-budget", "0")]
+)
+def test_bad_kv_options_are_refused(argv):
+    with pytest.raises(SystemExit, match="kv-budget"):
+        launcher.build_command(serve_args("/m", *argv)[0], [], True)
