@@ -8,6 +8,8 @@
 #   --trust-request-mm-kwargs                                     (per-request settings)
 # TOKENZIP_MIDDLEWARE=0 leaves the middleware out. Server defaults travel in
 # $TOKENZIP_DEFAULTS (JSON, e.g. '{"method": "divprune"}'), read by the model adapters.
+# PROMETHEUS_MULTIPROC_DIR (a fresh directory unless set) lets the worker's and engine core's
+# tokenzip_ metrics (pruning time, KV evicted) reach /metrics.
 set -euo pipefail
 
 readonly MIDDLEWARE="tokenzip_server.middleware.TokenZipMiddleware"
@@ -29,5 +31,8 @@ fi
 if ! has --trust-request-mm-kwargs "$@"; then
     flags+=(--trust-request-mm-kwargs)
 fi
+
+PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$(mktemp -d -t tokenzip-prometheus-XXXXXX)}"
+export PROMETHEUS_MULTIPROC_DIR
 
 exec vllm serve "$@" "${flags[@]}"

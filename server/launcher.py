@@ -6,6 +6,12 @@ arguments (which win, argparse keeping the last value). The server defaults (met
 travel in ``$TOKENZIP_DEFAULTS``, which the model adapters read. Presets are JSON files
 (``configs/<name>.json`` next to this package's source, or any path) with keys
 ``description``, ``env``, ``vllm_args`` and ``tokenzip``.
+
+The server runs in Prometheus multiprocess mode: ``$PROMETHEUS_MULTIPROC_DIR`` is set to a
+fresh temporary directory (unless the caller's environment sets it), so that the worker's and
+engine core's ``tokenzip_`` metrics reach ``/metrics`` (see :mod:`vllm_tokenzip.metrics`). The
+process is replaced by vLLM's (exec), so nothing is left to remove that directory: it stays
+in ``$TMPDIR`` as ``tokenzip-prometheus-*`` (a few small files).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from vllm_tokenzip import methods
@@ -21,6 +28,7 @@ from vllm_tokenzip.kv.policies import POLICIES
 from vllm_tokenzip.settings import DEFAULTS_ENV, FIELDS, parse_settings
 
 MIDDLEWARE = "tokenzip_server.middleware.TokenZipMiddleware"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KV_EVICTION_FLAGS = [
     "--scheduler-cls", "vllm_tokenzip.kv.scheduler.EvictingScheduler",
     "--worker-cls", "vllm_tokenzip.kv.worker.EvictingCPUWorker",
@@ -40,6 +48,8 @@ flags added to vllm serve (unless given):
         decode-time KV eviction for requests with a budget (X-TokenZip-KV-Budget or
         --kv-budget); also sets VLLM_USE_V2_MODEL_RUNNER=0. Prefix caching is then switched
         off by the scheduler (logged). CPU only so far.
+environment: PROMETHEUS_MULTIPROC_DIR, a fresh directory unless set: worker and engine-core
+        metrics (pruning time, KV entries evicted) on /metrics.
 Any other argument goes to vllm serve unchanged (see `vllm serve --help`).
 """
 
@@ -135,6 +145,11 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def fresh_metrics_dir() -> str:
+    """A new, empty directory for Prometheus multiprocess mode."""
+    return tempfile.mkdtemp(prefix="tokenzip-prometheus-")
+
+
 def serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     """Run (exec: never returns) vLLM's server, or print the command with ``--dry-run``."""
     argv, env = build_command(args, vllm_args, on_cpu())
@@ -144,5 +159,7 @@ def serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     run_env = {**env, **os.environ}  # the caller's environment wins over the preset's
     if DEFAULTS_ENV in env:
         run_env[DEFAULTS_ENV] = env[DEFAULTS_ENV]
+    if METRICS_DIR_ENV not in run_env:
+        run_env[METRICS_DIR_ENV] = fresh_metrics_dir()
     sys.stdout.flush()
     os.execve(sys.executable, argv, run_env)

@@ -13,19 +13,25 @@ Enabled with ``vllm serve ... --middleware tokenzip_server.middleware.TokenZipMi
    ``X-TokenZip-Ratio-Achieved``, ``-Tokens-Original``, ``-Tokens-Kept`` (audio+video),
    ``-Method`` and ``Access-Control-Expose-Headers`` listing them; the same figures go into
    the body as ``usage.tokenzip`` (for SSE: every chunk that carries a usage object, i.e. the
-   last one with ``stream_options.include_usage``).
+   last one with ``stream_options.include_usage``);
+4. times each request answered 200 from its arrival here to its first body chunk and to the
+   end of its response: ``tokenzip_time_to_first_token_seconds`` and
+   ``tokenzip_e2e_request_latency_seconds`` (labels model_name, method; method ``none`` when
+   nothing was pruned, :func:`vllm_tokenzip.metrics.observe_latency`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import time
 from collections.abc import Mapping
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenzip_server.options import OptionsError, Validator, apply, parse_options
 
+from vllm_tokenzip import metrics
 from vllm_tokenzip.stats import CURRENT, ItemCounts
 
 COMPACT = (",", ":")  # vLLM's own JSON separators
@@ -54,10 +60,24 @@ def adapter_check(architectures: list[str]) -> Validator | None:
     return None
 
 
+def vllm_config(scope: Scope) -> object | None:
+    """The served model's config (vLLM keeps it in app.state), None outside vLLM."""
+    return getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+
+
 def served_check(scope: Scope) -> Validator | None:
-    """The adapter check of the model the app serves (vLLM keeps its config in app.state)."""
-    config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+    """The adapter check of the model the app serves."""
+    config = vllm_config(scope)
     return adapter_check(config.model_config.architectures or []) if config else None
+
+
+def served_name(scope: Scope, body: object) -> str:
+    """The served model name (vLLM's label); outside vLLM, the request's ``model`` field."""
+    config = vllm_config(scope)
+    if config is not None:
+        return metrics.model_name(config.model_config)
+    model = body.get("model") if isinstance(body, dict) else None
+    return str(model) if model else metrics.UNKNOWN_MODEL
 
 
 def stats_headers(stats: ItemCounts) -> dict[str, str]:
@@ -127,6 +147,35 @@ def rewrite_sse(chunk: bytes, stats: ItemCounts) -> bytes:
     return "\n".join(lines).encode()
 
 
+class _LatencyClock:
+    """The ``send`` of one request: observes its latencies once its response is complete."""
+
+    def __init__(self, send: Send, sink: Mapping[str, object], model: str, started: float):
+        self.send = send
+        self.sink = sink
+        self.model = model
+        self.started = started
+        self.first: float | None = None  # when the first body chunk went out
+        self.status: int | None = None
+
+    async def __call__(self, message: Message) -> None:
+        await self.send(message)
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self._body_sent(message)
+
+    def _body_sent(self, message: Message) -> None:
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        if self.status == 200 and not message.get("more_body", False):
+            stats: ItemCounts | None = self.sink.get("stats")  # type: ignore[assignment]
+            method = stats.method if stats is not None else None
+            metrics.observe_latency(
+                self.model, method, self.first - self.started, now - self.started
+            )
+
+
 class _ResponseEditor:
     """The ``send`` of one request: adds the headers and the usage extension."""
 
@@ -189,6 +238,7 @@ class TokenZipMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in CHAT_PATHS:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         raw = await read_body(receive)
         try:
             body = json.loads(raw)
@@ -204,9 +254,10 @@ class TokenZipMiddleware:
                 raw = json.dumps(apply(body, options), separators=COMPACT).encode()
                 scope = with_body_length(scope, len(raw))
         sink: dict[str, object] = {}
+        clock = _LatencyClock(send, sink, served_name(scope, body), started)
         token = CURRENT.set(sink)
         try:
-            await self.app(scope, replay(raw, receive), _ResponseEditor(send, sink))
+            await self.app(scope, replay(raw, receive), _ResponseEditor(clock, sink))
         finally:
             CURRENT.reset(token)
 

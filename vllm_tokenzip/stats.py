@@ -174,12 +174,6 @@ def merge_size(hf_config: object) -> int:
     return 1
 
 
-def model_name(model_config: object) -> str:
-    """The served model name, as vLLM labels its own metrics."""
-    name = model_config.served_model_name
-    return name[0] if isinstance(name, list | tuple) else str(name)
-
-
 def _wrap_render_chat(cls: type) -> None:
     """Wrap ``cls.render_chat`` to count, record and publish each request's stats."""
     original = cls.render_chat
@@ -192,7 +186,7 @@ def _wrap_render_chat(cls: type) -> None:
         if isinstance(result, tuple):
             merge = merge_size(self.model_config.hf_config)
             stats = request_stats(result[1], merge)
-            metrics.record(model_name(self.model_config), stats)
+            metrics.record(metrics.model_name(self.model_config), stats)
             sink = CURRENT.get()
             if sink is not None:
                 sink["stats"] = stats

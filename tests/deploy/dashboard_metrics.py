@@ -25,7 +25,8 @@ VLLM = frozenset({
     "vllm:kv_cache_usage_perc",
 })  # fmt: skip
 
-# vllm_tokenzip.metrics (labels model_name, and modality or method).
+# vllm_tokenzip.metrics (labels model_name, and modality or method). Pruning time (worker) and
+# KV entries evicted (engine core) reach /metrics through Prometheus multiprocess mode.
 TOKENZIP = frozenset({
     "tokenzip_tokens_original_total",
     "tokenzip_tokens_kept_total",
@@ -33,23 +34,14 @@ TOKENZIP = frozenset({
     "tokenzip_ratio_achieved_bucket",
     "tokenzip_ratio_achieved_sum",
     "tokenzip_ratio_achieved_count",
+    "tokenzip_pruning_seconds_bucket",
+    "tokenzip_kv_evicted_tokens_total",
+    "tokenzip_time_to_first_token_seconds_bucket",
+    "tokenzip_e2e_request_latency_seconds_bucket",
 })  # fmt: skip
 
 # Named by the dashboards, not exported yet: name -> what the serving layer has to add.
-PENDING = {
-    "tokenzip_pruning_seconds_bucket":
-        "histogram of pruning time per request (labels model_name, method); measured in the "
-        "worker, which has no channel to the API server yet (vllm_tokenzip/metrics.py)",
-    "tokenzip_kv_evicted_tokens_total":
-        "counter of KV-cache entries evicted during decode (label model_name); no KV eviction "
-        "exists yet",
-    "tokenzip_time_to_first_token_seconds_bucket":
-        "histogram of TTFT with the request's method (labels model_name, method); vLLM's "
-        "vllm:time_to_first_token_seconds has no method label",
-    "tokenzip_e2e_request_latency_seconds_bucket":
-        "histogram of end-to-end latency with the request's method (labels model_name, "
-        "method); vLLM's vllm:e2e_request_latency_seconds has no method label",
-}  # fmt: skip
+PENDING: dict[str, str] = {}
 
 ALL = VLLM | TOKENZIP | set(PENDING)
 _NAME = re.compile(r"\b(?:vllm:|tokenzip_)[A-Za-z0-9_:]*")

@@ -101,3 +101,22 @@ def test_entrypoint_without_middleware(tmp_path: Path) -> None:
 def test_entrypoint_help_reaches_vllm(tmp_path: Path) -> None:
     """No arguments or ``--help`` go to vllm serve unchanged (plus the flags)."""
     assert run_entrypoint(tmp_path, "--help")[:2] == ["serve", "--help"]
+
+
+def test_entrypoint_sets_a_prometheus_multiproc_dir(tmp_path: Path) -> None:
+    """Worker and engine-core metrics need PROMETHEUS_MULTIPROC_DIR; a caller's value is kept."""
+    stub = tmp_path / "vllm"
+    stub.write_text(
+        f"#!{sys.executable}\nimport os\nprint(os.environ['PROMETHEUS_MULTIPROC_DIR'])\n"
+    )
+    stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+
+    def multiproc_dir(run_env: dict[str, str]) -> str:
+        done = subprocess.run([str(ENTRYPOINT), "m"], capture_output=True, text=True,
+                              env=run_env, check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    made = multiproc_dir(env)
+    assert Path(made).is_dir() and Path(made).parent == tmp_path
+    assert multiproc_dir({**env, "PROMETHEUS_MULTIPROC_DIR": "/x"}) == "/x"

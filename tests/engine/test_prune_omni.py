@@ -340,13 +340,6 @@ def test_concurrent_requests_equal_solo(omni_server, clips):
         assert_same_output(a, b)
 
 
-def test_method_needing_encoder_attention_is_refused(omni_server, clips):
-    reply = chat(omni_server, [video_part(clips["moving_16k"]), text_part()],
-                 mm_processor_kwargs={"tokenzip": {"method": "fastvid", "ratio": 0.5}})  # fmt: skip
-    assert reply.status_code == 400, reply.text
-    assert "fastvid" in reply.text
-
-
 @pytest.mark.parametrize("num_audio,num_video", [(133, 3600), (150, 840), (150, 0), (7, 96)])
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 0.9])
 def test_omnizip_split_keeps_exact_total(num_audio, num_video, ratio):

@@ -133,7 +133,7 @@ def test_concurrent_requests_match_solo(vl_server, clips):
         ({"method": "divprune", "ratio": 1.5}, "ratio"),
         ({"method": "no-such-method", "ratio": 0.5}, "method"),
         ({"method": "divprune", "ratoi": 0.5}, "ratoi"),
-        ({"method": "fastvid", "ratio": 0.5}, "fastvid"),
+        ({"method": "omnizip", "ratio": 0.5}, "omnizip"),
     ],
 )
 def test_bad_settings_rejected_and_server_keeps_serving(vl_server, clips, tokenzip, field):
@@ -153,7 +153,9 @@ def test_runner_patch_is_idempotent_and_covers_model_runner_v2():
     install_runner_patch()
     load_model = cpu_model_runner.CPUModelRunner.load_model
     assert load_model._tokenzip_patched and not hasattr(load_model.__wrapped__, "_tokenzip_patched")
-    config = SimpleNamespace(multimodal_config=None, get_inputs_embeds_size=lambda: 8)
+    config = SimpleNamespace(
+        multimodal_config=None, get_inputs_embeds_size=lambda: 8, served_model_name="m"
+    )
     adapter = SimpleNamespace(**{ALWAYS_PRUNES_ATTR: True})
     pruner = default.maybe_create_mm_pruner(config, adapter, object(), object())
     assert isinstance(pruner, MultiModalPruner) and pruner.inputs_embeds_size == 8
@@ -198,6 +200,7 @@ def fake_adapter(pruning_rate: float | None) -> SimpleNamespace:
         visual=SimpleNamespace(spatial_merge_size=2),
         video_pruning_rate=pruning_rate,
         _video_fields={},
+        _video_attention=(),
     )
     adapter._stock_keep = partial(TokenZipQwen2_5_VL._stock_keep, adapter)
     adapter.iter_mm_grid_thw = partial(Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw, adapter)

@@ -166,7 +166,7 @@ def test_conflicting_header_and_body_refused():
 
 def test_method_the_adapter_cannot_run_refused():
     reply = client(FakeApp(), validator=video_settings).post(
-        CHAT, json=chat_body(), headers={"X-TokenZip-Method": "fastvid", "X-TokenZip-Ratio": "0.5"}
+        CHAT, json=chat_body(), headers={"X-TokenZip-Method": "omnizip", "X-TokenZip-Ratio": "0.5"}
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "method"

@@ -60,15 +60,15 @@ def data_url(payload: bytes, mime: str = "video/mp4") -> str:
 
 def engine_cases(video: Path) -> list[tuple[dict, dict, str]]:
     """(headers, body fields, expected message part) refused by the server or by vLLM."""
-    fastvid = {"X-TokenZip-Method": "fastvid", "X-TokenZip-Ratio": "0.5"}
+    omnizip = {"X-TokenZip-Method": "omnizip", "X-TokenZip-Ratio": "0.5"}
     cases = [(headers, {}, text) for headers, _, text in HEADER_CASES]
     cases += [({}, extra, text) for extra, _, text in BODY_CASES]
     cases += [
-        (fastvid, {}, "which this model adapter does not capture"),
+        (omnizip, {}, "which this model adapter does not capture"),
         ({"X-TokenZip-Method": "omnizip"}, {}, "method must be one of"),
-        ({"X-TokenZip-Method": "holitom", "X-TokenZip-Video-Ratio": "0.3"}, {}, "holitom"),
+        ({"X-TokenZip-Method": "holitom", "X-TokenZip-Video-Ratio": "1.3"}, {}, "video_ratio"),
         ({}, {"tokenzip": {"method": "evs", "video_ratio": "0.9.1"}}, "0 <= video_ratio < 1"),
-        ({}, {"tokenzip": {"method": "visionzip", "ratio": 0.2}}, "does not capture"),
+        ({}, {"tokenzip": {"method": "omnizip", "video_ratio": 0.2}}, "does not capture"),
         ({"X-TokenZip-Method": "evs"}, {"tokenzip": {"method": "random"}}, "conflicting"),
         ({"X-TokenZip-KV-Budget": "8"}, {"tokenzip": {"kv_budget": 9}}, "conflicting"),
         ({}, {"messages": video_messages(data_url(b"no video" * 64))}, "Could not open"),

@@ -27,6 +27,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_tokenzip import metrics
 from vllm_tokenzip.kv.compaction import cdiv
 from vllm_tokenzip.kv.request import EvictionRequest, eviction_settings
 
@@ -132,6 +133,7 @@ class EvictingScheduler(Scheduler):
             if length < budget + block_size:
                 continue
             tracked.offset += length - budget
+            metrics.count_evicted(self.vllm_config.model_config, length - budget)
             self._free_tail(request.request_id, cdiv(budget, block_size))
             plans[request.request_id] = CompactionPlan(
                 length, budget, tracked.offset, tracked.settings.policy

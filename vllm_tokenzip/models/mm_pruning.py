@@ -20,7 +20,8 @@ This module holds what the model adapters share:
 - per-item fields the processors ship to the model (:data:`FIELD_NAMES`, :func:`video_fields`,
   :func:`field_configs`) and :func:`strip_settings` for the HF processor call.
 - :func:`keep_indices`: the survivors of one video for the requested method, checked against
-  the count the processor promised.
+  the count the processor promised; :func:`needs_encoder_attention` says when a batch needs
+  the vision tower's attention (:mod:`.vit_attention`).
 - :func:`media_positions`, :func:`encode_positions`, :func:`decode_positions`: the M-RoPE
   position channels appended to the survivors, as base-128 digits so that they stay exact in
   bfloat16 embeddings (which hold integers exactly only up to 256).
@@ -33,13 +34,14 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
+import time
 from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import numpy as np
 import torch
 
-from vllm_tokenzip import methods
+from vllm_tokenzip import methods, metrics
 from vllm_tokenzip.methods.base import Need, VideoInputs
 from vllm_tokenzip.settings import KWARGS_KEY, PruneSettings, SettingsError, resolve
 
@@ -53,6 +55,9 @@ FIELD_NAMES = (METHOD_ID, RATIO, NUM_KEEP)
 DIGIT_BASE = 128  # position channels: 3 base-128 digits per value, exact in bf16
 DIGITS = 3
 POSITION_CHANNELS = 4 * DIGITS  # 4 values per token, DIGITS channels each
+# What the video adapters feed a method: embeddings and the vision tower's attention
+# (models.vit_attention, computed only for videos whose method needs it).
+VIDEO_NEEDS = frozenset({Need.EMBEDDINGS, Need.ENCODER_ATTENTION})
 
 
 class PruneCountMismatch(RuntimeError):
@@ -66,6 +71,7 @@ def _enable_if_adapter(runner: object) -> None:
     """Turn on the runner's recompute path when its model is one of our adapters."""
     if getattr(runner.get_model(), ALWAYS_PRUNES_ATTR, False):
         runner.is_multimodal_pruning_enabled = True
+        metrics.set_worker_model(runner.model_config)
         logger.info("%s on %s", PATCH_LOG_MARKER, type(runner).__name__)
 
 
@@ -112,6 +118,7 @@ def _patch_v2(module: ModuleType) -> None:
                 model, rope_state, encoder_cache, model_config.get_inputs_embeds_size()
             )
             logger.info("%s on ModelRunnerV2", PATCH_LOG_MARKER)
+            metrics.set_worker_model(model_config)
         return pruner
 
     maybe_create_mm_pruner._tokenzip_patched = True
@@ -167,20 +174,20 @@ def strip_settings(kwargs: Mapping[str, object]) -> dict[str, object]:
 
 
 def video_settings(kwargs: Mapping[str, object]) -> PruneSettings:
-    """The request's settings; SettingsError if the method cannot prune video from embeddings.
+    """The request's settings; SettingsError if the method cannot prune video.
 
-    Methods that need the vision encoder's attention (fastvid, holitom, visionzip) or audio
-    (omnizip) are refused: the adapters do not capture those inputs.
+    The adapters feed embeddings and the vision tower's attention (:data:`VIDEO_NEEDS`);
+    methods needing anything else (omnizip: audio) are refused.
     """
     settings = resolve(kwargs, methods.available())
     if settings.method is None:
         return settings
     method = methods.get(settings.method)
-    missing = sorted(str(need) for need in method.needs - {Need.EMBEDDINGS})
+    missing = sorted(str(need) for need in method.needs - VIDEO_NEEDS)
     if "video" not in method.modalities or missing:
         video_only = [
             name for name in methods.available()
-            if methods.get(name).needs == {Need.EMBEDDINGS}
+            if methods.get(name).needs <= VIDEO_NEEDS
         ]  # fmt: skip
         raise SettingsError(
             f"method {settings.method!r} needs {missing}, "
@@ -229,12 +236,23 @@ def field_configs(modality: str) -> dict[str, object]:
 # ---------------------------------------------------------------- model side
 
 
+def needs_encoder_attention(method_ids: torch.Tensor) -> bool:
+    """Whether a method of the batch's videos (METHOD_ID field, [V]) needs the tower's attention."""
+    names = methods.available()
+    return any(
+        Need.ENCODER_ATTENTION in methods.get(names[i]).needs
+        for i in method_ids.tolist()
+        if i != NO_METHOD
+    )
+
+
 def keep_indices(
     embeds: torch.Tensor,
     grid_thw: tuple[int, int, int],
     merge_size: int,
     fields: Mapping[str, torch.Tensor],
     stock_keep: Callable[[], torch.Tensor],
+    encoder_attention: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sorted indices of the surviving tokens of one video, exactly as many as promised.
 
@@ -242,6 +260,7 @@ def keep_indices(
     grid_thw: (T, H, W) patch grid; H' = H / merge_size, W' = W / merge_size.
     fields: this video's METHOD_ID / RATIO / NUM_KEEP scalars.
     stock_keep() -> LongTensor: stock behaviour for videos without tokenzip settings.
+    encoder_attention: [T, H' * W'] vision-tower attention received, or None when not captured.
     Returns LongTensor [NUM_KEEP]; raises PruneCountMismatch if the count differs.
     """
     method_id, promised = int(fields[METHOD_ID]), int(fields[NUM_KEEP])
@@ -251,8 +270,14 @@ def keep_indices(
         name, kept = "stock", stock_keep()
     else:
         name = methods.available()[method_id]
-        frames = VideoInputs(embeds=embeds.reshape(t, grid_hw[0] * grid_hw[1], -1), grid_hw=grid_hw)
+        started = time.perf_counter()
+        frames = VideoInputs(
+            embeds=embeds.reshape(t, grid_hw[0] * grid_hw[1], -1),
+            grid_hw=grid_hw,
+            encoder_attention=encoder_attention,
+        )
         kept = methods.get(name).select(frames, promised)
+        metrics.observe_pruning(name, started)
     if kept.numel() != promised:
         raise PruneCountMismatch(
             f"tokenzip: method {name!r} kept {kept.numel()} video tokens but the processor "

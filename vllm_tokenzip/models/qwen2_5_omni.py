@@ -18,8 +18,10 @@
     global attention), runs :func:`omnizip_engine` on the region in vLLM's 2-second chunk
     layout and returns the survivors in their original interleaved order. Video-only methods
     prune the video part and keep all audio.
-  * video without audio: any registered method that needs only embeddings, or OmniZip's
-    video form (:func:`mm_pruning.keep_indices`).
+  * video without audio: any registered video method, or OmniZip's video form
+    (:func:`mm_pruning.keep_indices`). Methods needing the vision tower's attention (fastvid,
+    holitom, visionzip) get it from the real tower forward (:mod:`.vit_attention`, captured
+    only when one of the batch's videos needs it).
   * audio alone: OmniZip's audio stage (:func:`omnizip_audio_stage`); other methods keep all.
 
   With OmniZip, an overall ``ratio`` (no per-modality ratio) is split per item by
@@ -69,7 +71,7 @@ from vllm.multimodal.audio import AudioResampler
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
-from vllm_tokenzip import methods
+from vllm_tokenzip import methods, metrics
 from vllm_tokenzip.methods.base import Need
 from vllm_tokenzip.methods.omnizip import (
     audio_saliency,
@@ -77,7 +79,7 @@ from vllm_tokenzip.methods.omnizip import (
     omnizip_engine,
     omnizip_kept_counts,
 )
-from vllm_tokenzip.models import mm_pruning
+from vllm_tokenzip.models import mm_pruning, vit_attention
 from vllm_tokenzip.models.mm_pruning import (
     METHOD_ID,
     NO_METHOD,
@@ -118,6 +120,7 @@ def request_settings(kwargs: Mapping[str, object]) -> PruneSettings:
     if settings.method is not None:
         missing = methods.get(settings.method).needs - {
             Need.EMBEDDINGS,
+            Need.ENCODER_ATTENTION,
             Need.AUDIO_SALIENCY,
             Need.LAYOUT,
         }
@@ -459,8 +462,8 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
     def _embed_videos(self, kwargs: dict, fields: dict) -> tuple[torch.Tensor, ...]:
         """Videos of one batch; stock items unchanged, pruned items as survivors + channels."""
         video_input = self._parse_and_validate_video_input(**kwargs)
-        video_embeds = self._process_video_input(video_input)
         grids = video_input["video_grid_thw"].tolist()
+        video_embeds, attention = self._videos_with_attention(video_input, grids, fields)
         seconds = kwargs.get("second_per_grid_ts")
         audio = None
         if AV_LENGTHS in fields:
@@ -475,8 +478,21 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             item = {name: value[i] for name, value in fields.items() if name != AV_FEATURES}
             spg = float(seconds[i]) if seconds is not None else 1.0
             item_audio = None if audio is None else (audio[0][i], audio[1][i])
-            out.append(self._prune_video(emb, grid, spg, item, item_audio))
+            out.append(self._prune_video(emb, grid, spg, item, item_audio, attention[i]))
         return tuple(out)
+
+    def _videos_with_attention(
+        self, video_input, grids: list[list[int]], fields: dict
+    ) -> tuple[tuple[torch.Tensor, ...], Sequence[torch.Tensor | None]]:
+        """Stock video embeddings [N_v, D] per video, and each video's tower attention [T, N]
+        when a method of the batch needs it (None per video otherwise)."""
+        if video_input["type"] == "video_embeds" or not mm_pruning.needs_encoder_attention(
+            fields[METHOD_ID]
+        ):
+            return self._process_video_input(video_input), [None] * len(grids)
+        with vit_attention.capture_last_attention(self.visual) as captured:
+            embeds = self._process_video_input(video_input)
+        return embeds, vit_attention.video_attention(self.visual, captured, grids)
 
     def _prune_video(
         self,
@@ -485,10 +501,12 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         second_per_grid: float,
         item: Mapping[str, torch.Tensor],
         audio: tuple[torch.Tensor, torch.Tensor] | None,
+        attention: torch.Tensor | None,
     ) -> torch.Tensor:
         """One pruned video (with its audio): [K, D + POSITION_CHANNELS] survivors.
 
-        video: [N_v, D]; audio: (embeddings [N_a, D], saliency [N_a]) or None.
+        video: [N_v, D]; audio: (embeddings [N_a, D], saliency [N_a]) or None;
+        attention: [T, N] vision-tower attention received, or None when not captured.
         """
         started = time.perf_counter()
         method = methods.available()[int(item[METHOD_ID])]
@@ -501,12 +519,13 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             embeds[~is_video] = audio[0].to(embeds.dtype)
         if audio is not None and method == OMNIZIP:
             embeds, keep = self._omnizip_region(ids, embeds, audio[1], grid, item)
+            metrics.observe_pruning(method, started)
         else:
             keep = torch.ones(len(ids), dtype=torch.bool)
             video_item = {**item, NUM_KEEP: item[NUM_KEEP] - int((~is_video).sum())}
             kept_video = mm_pruning.keep_indices(
                 video, tuple(grid), self.visual.spatial_merge_size, video_item,
-                lambda: torch.arange(len(video)),
+                lambda: torch.arange(len(video)), attention,
             )  # fmt: skip
             video_keep = torch.zeros(len(video), dtype=torch.bool)
             video_keep[kept_video.cpu()] = True
@@ -554,6 +573,7 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             if method == OMNIZIP:
                 emb, keep = omnizip_audio_stage(emb, score, float(fields[AUDIO_RATIO][i]))
             promised = int(fields[AUDIO_NUM_KEEP][i])
+            metrics.observe_pruning(method, started)
             out.append(self._survivors(emb, rel, keep.cpu(), promised, method, ids, started))
         return tuple(out)
 

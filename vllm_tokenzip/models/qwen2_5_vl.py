@@ -12,8 +12,9 @@
   does. :meth:`recompute_mrope_positions` decodes the digits and calls vLLM's
   ``evs.recompute_mrope_positions`` (the runner patch in :mod:`.mm_pruning` enables that path
   on every runner). A produced count differing from the promised one fails the request.
-- Methods needing the ViT's attention (fastvid, holitom, visionzip) or audio (omnizip) are
-  refused with a SettingsError (HTTP 400): the adapter does not capture those inputs.
+- Methods needing the ViT's attention (fastvid, holitom, visionzip) get it from the real tower
+  forward of the batch (:mod:`.vit_attention`, captured only when one of its videos needs it).
+  Methods needing audio (omnizip) are refused with a SettingsError (HTTP 400).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune import evs
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
 
-from vllm_tokenzip.models import mm_pruning
+from vllm_tokenzip.models import mm_pruning, vit_attention
 
 mm_pruning.install_runner_patch()
 
@@ -113,6 +114,7 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         # Stock appends position channels (images and videos) only under this flag.
         self.is_multimodal_pruning_enabled = True
         self._video_fields: dict[str, torch.Tensor] = {}
+        self._video_attention: tuple[torch.Tensor, ...] = ()
 
     def embed_multimodal(self, **kwargs: object):
         """Stock embedding; the per-video tokenzip fields are read by the video postprocess."""
@@ -122,7 +124,24 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._video_fields = {}
+            self._video_fields, self._video_attention = {}, ()
+
+    def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
+        """Stock; also keeps each video's tower attention [T, N] when a method needs it."""
+        method_ids = self._video_fields.get(mm_pruning.METHOD_ID)
+        if (
+            video_input["type"] == "video_embeds"
+            or method_ids is None
+            or not mm_pruning.needs_encoder_attention(method_ids)
+        ):
+            return super()._process_video_input(video_input)
+        if self.use_data_parallel:
+            raise RuntimeError("tokenzip: encoder attention needs the unsharded vision tower")
+        with vit_attention.capture_last_attention(self.visual) as captured:
+            embeds = super()._process_video_input(video_input)
+        grids = video_input["video_grid_thw"].tolist()
+        self._video_attention = vit_attention.video_attention(self.visual, captured, grids)
+        return embeds
 
     def _postprocess_image_embeds_evs(
         self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Mapping[str, Any]
@@ -152,7 +171,12 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         for i, (emb, grid) in enumerate(zip(video_embeds_split, grids, strict=True)):
             fields = {name: values[i] for name, values in self._video_fields.items()}
             keep = mm_pruning.keep_indices(
-                emb, tuple(grid), merge_size, fields, partial(self._stock_keep, emb, grid)
+                emb,
+                tuple(grid),
+                merge_size,
+                fields,
+                partial(self._stock_keep, emb, grid),
+                self._video_attention[i] if self._video_attention else None,
             )
             t_factor = tokens_per_second * float(second_per_grid_ts[i])
             positions = mm_pruning.media_positions(tuple(grid), merge_size, t_factor)
