@@ -31,8 +31,6 @@ remembered here by multimodal hash (which includes ``mm_processor_kwargs``).
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -41,6 +39,7 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 
 from vllm_tokenzip import methods, metrics
+from vllm_tokenzip.import_hooks import patch_module
 from vllm_tokenzip.models.mm_pruning import METHOD_ID, NO_METHOD, NUM_KEEP
 
 PATCHED_MODULE = "vllm.renderers.online_renderer"
@@ -200,35 +199,13 @@ def _patch(module: ModuleType) -> None:
     _wrap_render_chat(module.OnlineRenderer)
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Applies :func:`_patch` right after :data:`PATCHED_MODULE` is executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != PATCHED_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module: ModuleType) -> None:
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
 def install() -> None:
     """Patch ``OnlineRenderer.render_chat`` where it is (or will be) imported. Idempotent.
 
     Only processes that import the renderer (the API servers) are patched; engine cores and
     workers never import it, so they pay nothing.
     """
-    if PATCHED_MODULE in sys.modules:
-        _patch(sys.modules[PATCHED_MODULE])
-    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_module(PATCHED_MODULE, _patch)
 
 
 def is_installed() -> bool:

@@ -10,22 +10,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tokenzip_server.launcher import MIDDLEWARE
 
-from tests.conftest import SERVER_ARGS
 from tests.deploy.tools import ROOT, tool
-from vllm_tokenzip.launch import Server, free_port, start_server
+from vllm_tokenzip.launch import Server, free_port
 
 SCRAPE_INTERVAL = "1s"
 
 
 @pytest.fixture(scope="session")
-def deploy_server(vl_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
-    """``vllm serve`` of the tiny VL model with the middleware (as the images run it)."""
-    log = tmp_path_factory.mktemp("logs") / "deploy-server.log"
-    args = [*SERVER_ARGS, "--middleware", MIDDLEWARE]
-    with start_server(vl_tiny, args, log_path=log, env={"TOKENZIP_DEFAULTS": ""}) as server:
-        yield server
+def deploy_server(vl_server: Server) -> Server:
+    """The session's tiny VL server: it runs with the middleware, as the images do."""
+    return vl_server
 
 
 def prometheus_config(target: str) -> dict:

@@ -30,10 +30,7 @@ This module holds what the model adapters share:
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -42,6 +39,7 @@ import numpy as np
 import torch
 
 from vllm_tokenzip import methods, metrics
+from vllm_tokenzip.import_hooks import patch_module
 from vllm_tokenzip.methods.base import Need, VideoInputs
 from vllm_tokenzip.settings import KWARGS_KEY, PruneSettings, SettingsError, resolve
 
@@ -133,36 +131,13 @@ _PATCHES: dict[str, Callable[[ModuleType], None]] = {
 }
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Applies ``_PATCHES[name]`` right after module ``name`` is executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module: ModuleType) -> None:
-            exec_module(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
 def install_runner_patch() -> None:
     """Patch vLLM's model runners (0.32-0.33) so our adapters always get the recompute path.
 
     Idempotent. Modules already imported are patched now, the others when first imported.
     """
     for name, patch in _PATCHES.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
-    if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+        patch_module(name, patch)
 
 
 # ---------------------------------------------------------------- processor side
