@@ -101,3 +101,12 @@ def test_overrides_change_the_spec_and_bad_ones_fail():
 def test_mid_size_is_a_prefill_dominated_model():
     spec = build_spec("omni", "mid")
     assert spec["text"]["hidden_size"] == 1024 and spec["text"]["num_hidden_layers"] == 8
+
+
+def test_temporal_position_scale_matches_the_published_models(omni_tiny, vl_tiny):
+    """vLLM reads the Omni thinker's TMRoPE scale from vision_config.tokens_per_second and HF
+    from position_id_per_seconds: both 25 for Omni; Qwen2.5-VL uses 2."""
+    thinker = json.loads((omni_tiny / "config.json").read_text())["thinker_config"]
+    assert thinker["vision_config"]["tokens_per_second"] == thinker["position_id_per_seconds"] == 25
+    vl = json.loads((vl_tiny / "config.json").read_text())
+    assert vl["vision_config"]["tokens_per_second"] == 2

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-BUILDER_VERSION = 2  # bump whenever the files a build writes change
+BUILDER_VERSION = 3  # bump whenever the files a build writes change
 FAMILIES = ("omni", "vl")
 
 # Qwen2.5-Omni's added tokens, in the order (and so relative ids) of the published tokenizer.
@@ -84,6 +84,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 TOKENIZER_VOCAB = 1024
+# TMRoPE / M-RoPE temporal position units per second of video, as in the published configs.
+# vLLM reads the Omni thinker's from vision_config.tokens_per_second, HF from
+# position_id_per_seconds: both must be 25 for Qwen2.5-Omni.
+OMNI_POSITIONS_PER_SECOND = 25
+VL_POSITIONS_PER_SECOND = 2
 # Real processor settings of the published checkpoints, except the per-frame pixel cap of
 # videos, lowered to OmniZip's paper setting (128 * 28 * 28) so CPU requests stay small.
 IMAGE_MIN_PIXELS = 3136
@@ -286,11 +291,12 @@ def _mrope_section(spec: dict[str, Any]) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _vision_config(spec: dict[str, Any], out_hidden: int) -> dict:
+def _vision_config(spec: dict[str, Any], out_hidden: int, tokens_per_second: int) -> dict:
+    """tokens_per_second: temporal M-RoPE units per second (Qwen2.5-VL 2, Qwen2.5-Omni 25)."""
     return dict(
         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        in_channels=3, out_hidden_size=out_hidden, hidden_act="silu", tokens_per_second=2,
-        **spec["vision"],
+        in_channels=3, out_hidden_size=out_hidden, hidden_act="silu",
+        tokens_per_second=tokens_per_second, **spec["vision"],
     )  # fmt: skip
 
 
@@ -303,7 +309,7 @@ def _omni_model(spec: dict[str, Any], ids: dict[str, int], vocab_size: int):
     hidden = spec["text"]["hidden_size"]
     thinker = dict(
         text_config=_text_config(spec, vocab_size, ids),
-        vision_config=_vision_config(spec, hidden),
+        vision_config=_vision_config(spec, hidden, OMNI_POSITIONS_PER_SECOND),
         audio_config=dict(num_mel_bins=128, max_source_positions=1500, n_window=100,
                           output_dim=hidden, **spec["audio"]),
         audio_token_index=ids["<|AUDIO|>"],
@@ -314,7 +320,7 @@ def _omni_model(spec: dict[str, Any], ids: dict[str, int], vocab_size: int):
         vision_start_token_id=ids["<|vision_bos|>"],
         vision_end_token_id=ids["<|vision_eos|>"],
         user_token_id=ids["<|im_start|>"],
-        position_id_per_seconds=25,
+        position_id_per_seconds=OMNI_POSITIONS_PER_SECOND,
         seconds_per_chunk=2,
     )  # fmt: skip
     # The talker is never built or served (vLLM drops talker.* weights) but the full
@@ -345,7 +351,7 @@ def _vl_model(spec: dict[str, Any], ids: dict[str, int], vocab_size: int):
     text = _text_config(spec, vocab_size, ids)
     config = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=_vision_config(spec, spec["text"]["hidden_size"]),
+        vision_config=_vision_config(spec, spec["text"]["hidden_size"], VL_POSITIONS_PER_SECOND),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
