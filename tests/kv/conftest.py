@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tokenzip_server.launcher import MIDDLEWARE
 
 from tests.conftest import SERVER_ARGS
 from vllm_tokenzip.launch import Server, start_server
@@ -23,6 +24,7 @@ KV_SERVER_ARGS = [
     "--block-size", str(BLOCK_SIZE),
     "--num-gpu-blocks-override", str(NUM_BLOCKS),
     "--max-model-len", "4096",
+    "--middleware", MIDDLEWARE,
 ]  # fmt: skip
 
 

@@ -139,3 +139,20 @@ def test_blocks_bounded_usage_drops_and_abort_frees_everything(kv_server):
     for logged_budget, peak in peaks:
         assert int(peak) <= cdiv(int(logged_budget), BLOCK_SIZE) + 1
     print(f"blocks held mid-decode: <= {held} with budget {budget}, up to {held_plain} without")
+
+
+def test_kv_budget_header_reaches_the_scheduler(kv_server):
+    """X-TokenZip-KV-Budget (through the middleware) turns eviction on for that request only."""
+    messages = [{"role": "user", "content": "word " * 150}]
+    body = {"model": kv_server.model, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "messages": messages}  # fmt: skip
+    pattern = re.compile(r"first compaction \d+ -> 48 entries")
+    before = len(pattern.findall(kv_server.log_text()))
+    url = f"{kv_server.base_url}/v1/chat/completions"
+    plain = requests.post(url, json=body, timeout=600)
+    assert plain.status_code == 200, plain.text
+    budgeted = requests.post(url, json=body, headers={"X-TokenZip-KV-Budget": "48"}, timeout=600)
+    assert budgeted.status_code == 200, budgeted.text
+    assert len(pattern.findall(kv_server.log_text())) == before + 1
+    refused = requests.post(url, json=body, headers={"X-TokenZip-KV-Budget": "0"}, timeout=60)
+    assert refused.status_code == 400 and "X-TokenZip-KV-Budget" in refused.text
