@@ -42,6 +42,9 @@ RESPONSE_HEADERS = (
     "X-TokenZip-Tokens-Kept",
     "X-TokenZip-Method",
 )
+# Decode-time KV eviction figures: known at the end only, so sent on non-streaming responses
+# (header and usage.tokenzip), from the scheduler's kv_transfer_params["tokenzip"].
+KV_HEADERS = {"kv_evicted": "X-TokenZip-KV-Evicted", "kv_peak_blocks": "X-TokenZip-KV-Peak-Blocks"}
 # vLLM architecture -> "module:function" that raises SettingsError for settings its adapter
 # cannot run (called with the request's mm_processor_kwargs).
 ADAPTER_CHECKS = {
@@ -129,10 +132,18 @@ def with_body_length(scope: Scope, length: int) -> Scope:
 
 
 def add_usage(event: dict, stats: ItemCounts) -> dict:
-    """``event`` with ``usage.tokenzip`` added when it carries a usage object."""
+    """``event`` with ``usage.tokenzip`` added when it carries a usage object (with the KV
+    eviction figures when the body has them)."""
     if isinstance(event.get("usage"), dict):
-        event["usage"]["tokenzip"] = stats.as_usage()
+        event["usage"]["tokenzip"] = {**stats.as_usage(), **kv_figures(event)}
     return event
+
+
+def kv_figures(event: dict) -> dict[str, object]:
+    """The scheduler's eviction figures in a response body, or {}."""
+    params = event.get("kv_transfer_params")
+    figures = params.get("tokenzip") if isinstance(params, dict) else None
+    return dict(figures) if isinstance(figures, dict) else {}
 
 
 def rewrite_sse(chunk: bytes, stats: ItemCounts) -> bytes:
@@ -203,7 +214,9 @@ class _ResponseEditor:
     async def _start(self, message: Message) -> None:
         headers = MutableHeaders(raw=message["headers"])
         exposed = [h for h in headers.get("access-control-expose-headers", "").split(",") if h]
-        headers["Access-Control-Expose-Headers"] = ", ".join([*exposed, *RESPONSE_HEADERS])
+        headers["Access-Control-Expose-Headers"] = ", ".join(
+            [*exposed, *RESPONSE_HEADERS, *KV_HEADERS.values()]
+        )
         if self.stats is None:
             await self.send(message)
             return
@@ -222,7 +235,11 @@ class _ResponseEditor:
             return
         payload = add_usage(json.loads(b"".join(self.chunks)), self.stats)
         body = json.dumps(payload, separators=COMPACT).encode()
-        MutableHeaders(raw=self.held["headers"])["content-length"] = str(len(body))
+        headers = MutableHeaders(raw=self.held["headers"])
+        headers["content-length"] = str(len(body))
+        for field, value in kv_figures(payload).items():
+            if field in KV_HEADERS:
+                headers[KV_HEADERS[field]] = str(value)
         await self.send(self.held)
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -154,5 +154,10 @@ def test_kv_budget_header_reaches_the_scheduler(kv_server):
     budgeted = requests.post(url, json=body, headers={"X-TokenZip-KV-Budget": "48"}, timeout=600)
     assert budgeted.status_code == 200, budgeted.text
     assert len(pattern.findall(kv_server.log_text())) == before + 1
+    figures = budgeted.json()["usage"]["tokenzip"]
+    evicted = int(budgeted.headers["X-TokenZip-KV-Evicted"])
+    assert figures["kv_budget"] == 48 and figures["kv_evicted"] == evicted > 0
+    assert figures["kv_peak_blocks"] == int(budgeted.headers["X-TokenZip-KV-Peak-Blocks"]) <= 3
+    assert "X-TokenZip-KV-Evicted" not in plain.headers
     refused = requests.post(url, json=body, headers={"X-TokenZip-KV-Budget": "0"}, timeout=60)
     assert refused.status_code == 400 and "X-TokenZip-KV-Budget" in refused.text

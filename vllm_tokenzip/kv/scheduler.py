@@ -35,6 +35,9 @@ logger = logging.getLogger("vllm.tokenzip.kv")
 PLAN_ATTR = "tokenzip_kv"
 
 
+KV_FIGURES_KEY = "tokenzip"  # in the response's kv_transfer_params
+
+
 @dataclass(frozen=True)
 class CompactionPlan:
     """Compact one request from ``length`` to ``budget`` entries; afterwards its semantic
@@ -161,6 +164,21 @@ class EvictingScheduler(Scheduler):
         tracked = self._tracked.get(request.request_id)
         if tracked is not None:  # recomputed from scratch on resume: uncompacted again
             tracked.offset = 0
+
+    def _connector_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        """Adds the request's eviction figures under ``"tokenzip"`` to the
+        ``kv_transfer_params`` vLLM returns in the (non-streaming) response body."""
+        delay, params = super()._connector_finished(request)
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            return delay, params
+        figures = {
+            "kv_budget": tracked.settings.budget,
+            "kv_policy": tracked.settings.policy,
+            "kv_evicted": tracked.offset,
+            "kv_peak_blocks": tracked.peak_blocks,
+        }
+        return delay, {**(params or {}), KV_FIGURES_KEY: figures}
 
     def _free_blocks(self, request: Request) -> None:
         tracked = self._tracked.pop(request.request_id, None)
