@@ -42,8 +42,8 @@ RESPONSE_HEADERS = (
     "X-TokenZip-Tokens-Kept",
     "X-TokenZip-Method",
 )
-# Decode-time KV eviction figures: known at the end only, so sent on non-streaming responses
-# (header and usage.tokenzip), from the scheduler's kv_transfer_params["tokenzip"].
+# Decode-time KV eviction figures: known at the end only, so headers on non-streaming responses;
+# usage.tokenzip (JSON body, last SSE chunk with usage) carries them too.
 KV_HEADERS = {"kv_evicted": "X-TokenZip-KV-Evicted", "kv_peak_blocks": "X-TokenZip-KV-Peak-Blocks"}
 # vLLM architecture -> "module:function" that raises SettingsError for settings its adapter
 # cannot run (called with the request's mm_processor_kwargs).
@@ -131,29 +131,23 @@ def with_body_length(scope: Scope, length: int) -> Scope:
     return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
-def add_usage(event: dict, stats: ItemCounts) -> dict:
-    """``event`` with ``usage.tokenzip`` added when it carries a usage object (with the KV
-    eviction figures when the body has them)."""
+def add_usage(event: dict, stats: ItemCounts, kv: Mapping[str, object]) -> dict:
+    """``event`` with ``usage.tokenzip`` (prompt statistics and KV eviction figures ``kv``)
+    added when it carries a usage object."""
     if isinstance(event.get("usage"), dict):
-        event["usage"]["tokenzip"] = {**stats.as_usage(), **kv_figures(event)}
+        event["usage"]["tokenzip"] = {**stats.as_usage(), **kv}
     return event
 
 
-def kv_figures(event: dict) -> dict[str, object]:
-    """The scheduler's eviction figures in a response body, or {}."""
-    params = event.get("kv_transfer_params")
-    figures = params.get("tokenzip") if isinstance(params, dict) else None
-    return dict(figures) if isinstance(figures, dict) else {}
-
-
-def rewrite_sse(chunk: bytes, stats: ItemCounts) -> bytes:
+def rewrite_sse(chunk: bytes, stats: ItemCounts, kv: Mapping[str, object]) -> bytes:
     """An SSE body chunk with ``usage.tokenzip`` added to each data event carrying usage."""
     if b'"usage":{' not in chunk.replace(b" ", b""):
         return chunk
     lines = []
     for line in chunk.decode().split("\n"):
         if line.startswith("data: ") and line[6:].strip().startswith("{"):
-            line = "data: " + json.dumps(add_usage(json.loads(line[6:]), stats), separators=COMPACT)
+            event = add_usage(json.loads(line[6:]), stats, kv)
+            line = "data: " + json.dumps(event, separators=COMPACT)
         lines.append(line)
     return "\n".join(lines).encode()
 
@@ -201,13 +195,19 @@ class _ResponseEditor:
     def stats(self) -> ItemCounts | None:
         return self.sink.get("stats")  # type: ignore[return-value]
 
+    @property
+    def kv(self) -> Mapping[str, object]:
+        """KV eviction figures of the finished request (see ``vllm_tokenzip.stats``), or {}."""
+        return self.sink.get("kv") or {}  # type: ignore[return-value]
+
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             await self._start(message)
         elif message["type"] == "http.response.body" and self.held is not None:
             await self._json_body(message)
         elif message["type"] == "http.response.body" and self.sse and self.stats:
-            await self.send({**message, "body": rewrite_sse(message.get("body", b""), self.stats)})
+            body = rewrite_sse(message.get("body", b""), self.stats, self.kv)
+            await self.send({**message, "body": body})
         else:
             await self.send(message)
 
@@ -233,11 +233,11 @@ class _ResponseEditor:
         self.chunks.append(message.get("body", b""))
         if message.get("more_body", False):
             return
-        payload = add_usage(json.loads(b"".join(self.chunks)), self.stats)
+        payload = add_usage(json.loads(b"".join(self.chunks)), self.stats, self.kv)
         body = json.dumps(payload, separators=COMPACT).encode()
         headers = MutableHeaders(raw=self.held["headers"])
         headers["content-length"] = str(len(body))
-        for field, value in kv_figures(payload).items():
+        for field, value in self.kv.items():
             if field in KV_HEADERS:
                 headers[KV_HEADERS[field]] = str(value)
         await self.send(self.held)

@@ -26,6 +26,12 @@ Per-item fields read, for any adapter (the shared channel):
 
 vLLM's processor cache replaces items it already sent with ``None``; their counts are
 remembered here by multimodal hash (which includes ``mm_processor_kwargs``).
+
+A second wrapper, of ``AsyncLLM.generate`` (same versions; also only where the API server
+imports it), copies the decode-time KV eviction figures of a finished request, which the
+eviction scheduler returns in ``RequestOutput.kv_transfer_params["tokenzip"]``, into the same
+dict as ``"kv"``: the middleware then adds them to the end of the response (vLLM itself sends
+``kv_transfer_params`` in non-streaming bodies only).
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ from types import ModuleType
 
 from vllm_tokenzip import methods, metrics
 from vllm_tokenzip.import_hooks import patch_module
+from vllm_tokenzip.kv.request import FIGURES_KEY
 from vllm_tokenzip.models.mm_pruning import METHOD_ID, NO_METHOD, NUM_KEEP
 
 PATCHED_MODULE = "vllm.renderers.online_renderer"
+ENGINE_MODULE = "vllm.v1.engine.async_llm"
 PATCH_MARKER = "_tokenzip_stats"
 STATS_FIELDS = {"video": "tokenzip_video_stats", "audio": "tokenzip_audio_stats"}
 MEDIA = ("audio", "video")
@@ -199,6 +207,35 @@ def _patch(module: ModuleType) -> None:
     _wrap_render_chat(module.OnlineRenderer)
 
 
+def _wrap_generate(cls: type) -> None:
+    """Wrap ``cls.generate`` to publish a finished request's KV eviction figures."""
+    original = cls.generate
+    if getattr(original, PATCH_MARKER, False):
+        return
+
+    @functools.wraps(original)
+    async def generate(self, *args, **kwargs):
+        async for output in original(self, *args, **kwargs):
+            if output.finished:
+                publish_kv(output.kv_transfer_params)
+            yield output
+
+    setattr(generate, PATCH_MARKER, True)
+    cls.generate = generate
+
+
+def publish_kv(kv_transfer_params: object) -> None:
+    """Store ``kv_transfer_params["tokenzip"]`` in the middleware's dict, if both exist."""
+    sink = CURRENT.get()
+    figures = kv_transfer_params.get(FIGURES_KEY) if isinstance(kv_transfer_params, dict) else None
+    if sink is not None and isinstance(figures, dict):
+        sink["kv"] = dict(figures)
+
+
+def _patch_engine(module: ModuleType) -> None:
+    _wrap_generate(module.AsyncLLM)
+
+
 def install() -> None:
     """Patch ``OnlineRenderer.render_chat`` where it is (or will be) imported. Idempotent.
 
@@ -206,6 +243,7 @@ def install() -> None:
     workers never import it, so they pay nothing.
     """
     patch_module(PATCHED_MODULE, _patch)
+    patch_module(ENGINE_MODULE, _patch_engine)
 
 
 def is_installed() -> bool:

@@ -3,6 +3,7 @@ Hugging Face reference of :mod:`vllm_tokenzip.kv.reference`."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -159,5 +160,10 @@ def test_kv_budget_header_reaches_the_scheduler(kv_server):
     assert figures["kv_budget"] == 48 and figures["kv_evicted"] == evicted > 0
     assert figures["kv_peak_blocks"] == int(budgeted.headers["X-TokenZip-KV-Peak-Blocks"]) <= 3
     assert "X-TokenZip-KV-Evicted" not in plain.headers
+    streamed = requests.post(url, headers={"X-TokenZip-KV-Budget": "48"}, timeout=600, json={
+        **body, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    assert events[-1]["usage"]["tokenzip"]["kv_evicted"] == evicted
     refused = requests.post(url, json=body, headers={"X-TokenZip-KV-Budget": "0"}, timeout=60)
     assert refused.status_code == 400 and "X-TokenZip-KV-Budget" in refused.text

@@ -7,6 +7,7 @@ import json
 import pytest
 from starlette.testclient import TestClient
 from tokenzip_server.middleware import (
+    KV_HEADERS,
     RESPONSE_HEADERS,
     TokenZipMiddleware,
     adapter_check,
@@ -208,7 +209,7 @@ def test_non_streaming_headers_and_usage():
         "audio_original": 0, "audio_kept": 0, "video_original": 400, "video_kept": 100,
     }  # fmt: skip
     exposed = [h.strip() for h in reply.headers["access-control-expose-headers"].split(",")]
-    assert exposed == list(RESPONSE_HEADERS)
+    assert exposed == [*RESPONSE_HEADERS, *KV_HEADERS.values()]
 
 
 def test_streaming_headers_and_final_usage_chunk():
@@ -243,4 +244,4 @@ def test_other_paths_and_invalid_json_pass_through():
 
 def test_rewrite_sse_leaves_other_chunks_alone():
     chunk = b'data: {"usage": null}\n\n'
-    assert rewrite_sse(chunk, STATS) == chunk
+    assert rewrite_sse(chunk, STATS, {}) == chunk

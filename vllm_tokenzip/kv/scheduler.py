@@ -29,13 +29,10 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_tokenzip import metrics
 from vllm_tokenzip.kv.compaction import cdiv
-from vllm_tokenzip.kv.request import EvictionRequest, eviction_settings
+from vllm_tokenzip.kv.request import FIGURES_KEY, EvictionRequest, eviction_settings
 
 logger = logging.getLogger("vllm.tokenzip.kv")
 PLAN_ATTR = "tokenzip_kv"
-
-
-KV_FIGURES_KEY = "tokenzip"  # in the response's kv_transfer_params
 
 
 @dataclass(frozen=True)
@@ -178,7 +175,7 @@ class EvictingScheduler(Scheduler):
             "kv_evicted": tracked.offset,
             "kv_peak_blocks": tracked.peak_blocks,
         }
-        return delay, {**(params or {}), KV_FIGURES_KEY: figures}
+        return delay, {**(params or {}), FIGURES_KEY: figures}
 
     def _free_blocks(self, request: Request) -> None:
         tracked = self._tracked.pop(request.request_id, None)
