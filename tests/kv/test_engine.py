@@ -40,9 +40,17 @@ def complete(server: Server, xargs: dict | None, prompt: list[int] = PROMPT) -> 
     return {"tokens": tokens, "logprobs": logprobs["token_logprobs"]}
 
 
-def kv_usage(server: Server) -> float:
-    text = requests.get(f"{server.base_url}/metrics", timeout=30).text
-    return float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)", text, re.M).group(1))
+def kv_usage(server: Server, timeout: float = 30.0) -> float:
+    """vLLM's ``vllm:kv_cache_usage_perc``. In Prometheus multiprocess mode (how the test
+    servers run) the gauge has no sample until vLLM first records it: wait for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = requests.get(f"{server.base_url}/metrics", timeout=30).text
+        found = re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)", text, re.M)
+        if found:
+            return float(found.group(1))
+        assert time.monotonic() < deadline, "vllm:kv_cache_usage_perc has no sample"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +131,7 @@ def test_blocks_bounded_usage_drops_and_abort_frees_everything(kv_server):
     budget, chunks = 64, 100
     bound = cdiv(budget, BLOCK_SIZE) + 1
     usable = NUM_BLOCKS - 1  # the null block is never handed out
+    complete(kv_server, None)  # vLLM records the usage gauge from its first request on
     assert wait_for_empty_cache(kv_server) == 0.0
     aborts_before = kv_server.log_text().count("FINISHED_ABORTED, budget")
     evicting = stream_then_abort(kv_server, {"tokenzip_kv_budget": budget}, chunks)
