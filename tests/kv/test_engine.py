@@ -115,7 +115,7 @@ def stream_then_abort(server: Server, xargs: dict | None, chunks: int) -> list[f
         lines = (line for line in reply.iter_lines() if line.startswith(b"data: {"))
         for index in range(chunks):
             next(lines)
-            if index in (2, chunks // 2, chunks - 1):
+            if index % 10 == 2:  # the gauge can lag a step or two behind under load
                 samples.append(kv_usage(server))
     return samples
 
