@@ -104,8 +104,9 @@ def start_server(
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
            "--port", str(port), *cpu_serve_args(), *(extra_args or [])]  # fmt: skip
     metrics_dir = Path(tempfile.mkdtemp(prefix="tokenzip-prometheus-"))
-    run_env = {"VLLM_CPU_KVCACHE_SPACE": "2", **os.environ, METRICS_DIR_ENV: str(metrics_dir),
-               **(env or {})}  # fmt: skip
+    # PYTHONUNBUFFERED: every process writes its log lines at once (the log is a file).
+    run_env = {"VLLM_CPU_KVCACHE_SPACE": "2", **os.environ, "PYTHONUNBUFFERED": "1",
+               METRICS_DIR_ENV: str(metrics_dir), **(env or {})}  # fmt: skip
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env,

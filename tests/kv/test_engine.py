@@ -127,6 +127,14 @@ def wait_for_empty_cache(server: Server, timeout: float = 60.0) -> float:
     return usage
 
 
+def wait_for_log(server: Server, text: str, count: int, timeout: float = 30.0) -> str:
+    """The server log once it holds ``count`` copies of ``text`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while (log := server.log_text()).count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return log
+
+
 def test_blocks_bounded_usage_drops_and_abort_frees_everything(kv_server):
     budget, chunks = 64, 100
     bound = cdiv(budget, BLOCK_SIZE) + 1
@@ -138,7 +146,7 @@ def test_blocks_bounded_usage_drops_and_abort_frees_everything(kv_server):
     assert wait_for_empty_cache(kv_server) == 0.0, "aborted evicting request kept blocks"
     plain = stream_then_abort(kv_server, None, chunks)
     assert wait_for_empty_cache(kv_server) == 0.0, "aborted request kept blocks"
-    log = kv_server.log_text()
+    log = wait_for_log(kv_server, "FINISHED_ABORTED, budget", aborts_before + 1)
     assert log.count("FINISHED_ABORTED, budget") == aborts_before + 1, "not aborted mid-decode"
     held = max(round(usage * usable) for usage in evicting)
     held_plain = max(round(usage * usable) for usage in plain)
