@@ -115,7 +115,7 @@ def stream_then_abort(server: Server, xargs: dict | None, chunks: int) -> list[f
         lines = (line for line in reply.iter_lines() if line.startswith(b"data: {"))
         for index in range(chunks):
             next(lines)
-            if index % 10 == 2:  # the gauge can lag a step or two behind under load
+            if index in (2, chunks // 2, chunks - 1):
                 samples.append(kv_usage(server))
     return samples
 
@@ -136,7 +136,7 @@ def wait_for_log(server: Server, text: str, count: int, timeout: float = 30.0) -
 
 
 def test_blocks_bounded_usage_drops_and_abort_frees_everything(kv_server):
-    budget, chunks = 64, 100
+    budget, chunks = 64, 30  # hang up early: on a quiet machine 3800 tokens take ~13 s
     bound = cdiv(budget, BLOCK_SIZE) + 1
     usable = NUM_BLOCKS - 1  # the null block is never handed out
     complete(kv_server, None)  # vLLM records the usage gauge from its first request on
