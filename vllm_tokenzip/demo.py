@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from tokenzip_server.launcher import MIDDLEWARE
+from tokenzip_server.launcher import MIDDLEWARE, on_cpu, scheduler_flags
 
 from vllm_tokenzip import media
 from vllm_tokenzip.launch import start_server
@@ -17,6 +17,7 @@ ACHIEVED_HEADERS = (
     "X-TokenZip-Tokens-Original",
     "X-TokenZip-Tokens-Kept",
     "X-TokenZip-Ratio-Achieved",
+    "X-TokenZip-Pruning-Ms",
 )
 
 
@@ -30,7 +31,8 @@ def run_demo(size: str = "tiny", question: str = "What happens in this clip?",
     print(f"model: {model}\nclip:  {clip}")
     log = cache_dir() / "logs" / "demo-server.log"
     print(f"starting vllm serve with the TokenZip middleware (log: {log}) ...", flush=True)
-    with start_server(model, ["--middleware", MIDDLEWARE], log_path=log) as server:
+    serving = ["--middleware", MIDDLEWARE, *scheduler_flags([], on_cpu())]
+    with start_server(model, serving, log_path=log) as server:
         print(f"server up in {time.monotonic() - started:.1f} s at {server.base_url}", flush=True)
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="EMPTY")
         content = [

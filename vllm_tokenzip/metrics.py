@@ -38,7 +38,6 @@ one would need a ``multiprocess_mode``.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -148,9 +147,8 @@ def set_worker_model(model_config: object) -> None:
     _worker_model = model_name(model_config)
 
 
-def observe_pruning(method: str, started: float) -> None:
-    """One item pruned with ``method`` since ``started`` (a ``time.perf_counter()`` value)."""
-    seconds = time.perf_counter() - started
+def observe_pruning(method: str, seconds: float) -> None:
+    """One item pruned with ``method`` in ``seconds``."""
     collectors().pruning_seconds.labels(_worker_model, method).observe(seconds)
 
 

@@ -28,9 +28,10 @@ vLLM's processor cache replaces items it already sent with ``None``; their count
 remembered here by multimodal hash (which includes ``mm_processor_kwargs``).
 
 A second wrapper, of ``AsyncLLM.generate`` (same versions; also only where the API server
-imports it), copies the decode-time KV eviction figures of a finished request, which the
-eviction scheduler returns in ``RequestOutput.kv_transfer_params["tokenzip"]``, into the same
-dict as ``"kv"``: the middleware then adds them to the end of the response (vLLM itself sends
+imports it), copies the engine figures of a finished request (pruning time; KV eviction
+figures), which the TokenZip schedulers (:mod:`vllm_tokenzip.scheduler`) return in
+``RequestOutput.kv_transfer_params["tokenzip"]``, into the same dict as ``"engine"``: the
+middleware then adds them to the end of the response (vLLM itself sends
 ``kv_transfer_params`` in non-streaming bodies only).
 """
 
@@ -208,7 +209,7 @@ def _patch(module: ModuleType) -> None:
 
 
 def _wrap_generate(cls: type) -> None:
-    """Wrap ``cls.generate`` to publish a finished request's KV eviction figures."""
+    """Wrap ``cls.generate`` to publish a finished request's engine figures."""
     original = cls.generate
     if getattr(original, PATCH_MARKER, False):
         return
@@ -217,19 +218,19 @@ def _wrap_generate(cls: type) -> None:
     async def generate(self, *args, **kwargs):
         async for output in original(self, *args, **kwargs):
             if output.finished:
-                publish_kv(output.kv_transfer_params)
+                publish_engine_figures(output.kv_transfer_params)
             yield output
 
     setattr(generate, PATCH_MARKER, True)
     cls.generate = generate
 
 
-def publish_kv(kv_transfer_params: object) -> None:
+def publish_engine_figures(kv_transfer_params: object) -> None:
     """Store ``kv_transfer_params["tokenzip"]`` in the middleware's dict, if both exist."""
     sink = CURRENT.get()
     figures = kv_transfer_params.get(FIGURES_KEY) if isinstance(kv_transfer_params, dict) else None
     if sink is not None and isinstance(figures, dict):
-        sink["kv"] = dict(figures)
+        sink["engine"] = dict(figures)
 
 
 def _patch_engine(module: ModuleType) -> None:

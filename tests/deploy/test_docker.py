@@ -17,11 +17,13 @@ import pytest
 from tokenzip_server.launcher import MIDDLEWARE
 
 from tests.deploy.tools import ROOT, tool
+from vllm_tokenzip.scheduler import ASYNC_SCHEDULER, SYNC_SCHEDULER
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cpu"]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 FAKE_VLLM = f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n"
-PLUGIN_FLAGS = ["--middleware", MIDDLEWARE, "--trust-request-mm-kwargs"]
+SCHEDULER_FLAGS = ["--scheduler-cls", ASYNC_SCHEDULER]
+PLUGIN_FLAGS = ["--middleware", MIDDLEWARE, "--trust-request-mm-kwargs", *SCHEDULER_FLAGS]
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -95,7 +97,29 @@ def test_entrypoint_does_not_repeat_given_flags(tmp_path: Path) -> None:
 def test_entrypoint_without_middleware(tmp_path: Path) -> None:
     """TOKENZIP_MIDDLEWARE=0 serves without the middleware (body fields only)."""
     argv = run_entrypoint(tmp_path, "m", env={"TOKENZIP_MIDDLEWARE": "0"})
-    assert argv == ["serve", "m", "--trust-request-mm-kwargs"]
+    assert argv == ["serve", "m", "--trust-request-mm-kwargs", *SCHEDULER_FLAGS]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "added"),
+    [
+        ((), {"TOKENZIP_SCHEDULING": "sync"}, ["--scheduler-cls", SYNC_SCHEDULER]),
+        (("--no-async-scheduling",), {}, ["--scheduler-cls", SYNC_SCHEDULER]),
+        (("--scheduler-cls=my.Scheduler",), {}, []),
+        (("--scheduler-cls", "my.Scheduler"), {"TOKENZIP_SCHEDULING": "sync"}, []),
+    ],
+)
+def test_entrypoint_scheduler_matches_the_scheduling_mode(tmp_path: Path, args, env, added):
+    """The CPU image (TOKENZIP_SCHEDULING=sync) and --no-async-scheduling get the synchronous
+    scheduler; a scheduler the caller names is kept."""
+    argv = run_entrypoint(tmp_path, "m", *args, env=env)
+    assert argv == ["serve", "m", *args, "--middleware", MIDDLEWARE,
+                    "--trust-request-mm-kwargs", *added]  # fmt: skip
+
+
+def test_cpu_image_schedules_synchronously() -> None:
+    text = (ROOT / "Dockerfile.cpu").read_text()
+    assert re.search(r"^ENV .*TOKENZIP_SCHEDULING=sync", text, re.M)
 
 
 def test_entrypoint_help_reaches_vllm(tmp_path: Path) -> None:

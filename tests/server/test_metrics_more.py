@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,9 +27,9 @@ from vllm_tokenzip.models import mm_pruning
 from vllm_tokenzip.stats import ItemCounts
 
 MULTIPROC_CODE = (
-    "from types import SimpleNamespace; import time; from vllm_tokenzip import metrics; "
+    "from types import SimpleNamespace; from vllm_tokenzip import metrics; "
     "config = SimpleNamespace(served_model_name=['m']); metrics.set_worker_model(config); "
-    "metrics.observe_pruning('divprune', time.perf_counter()); "
+    "metrics.observe_pruning('divprune', 0.01); "
     "metrics.count_evicted(config, 7)"
 )
 
@@ -52,13 +53,16 @@ def vl_fields(method: str | None, keep: int) -> dict[str, torch.Tensor]:
             mm_pruning.NUM_KEEP: torch.tensor(keep)}  # fmt: skip
 
 
-def test_keep_indices_observes_each_pruned_item_once():
+def test_each_pruned_item_is_observed_once_by_record_pruning():
+    """keep_indices selects (timing is the adapter's: record_pruning, once per item)."""
     metrics.set_worker_model(config("w"))
     count = ("tokenzip_pruning_seconds_count", {"model_name": "w", "method": "divprune"})
     before = sample(count[0], **count[1])
     embeds = torch.randn(2 * 4 * 4, 8)
     for _ in range(3):
-        mm_pruning.keep_indices(embeds, (2, 8, 8), 2, vl_fields("divprune", 10), None)
+        started = time.perf_counter()
+        keep = mm_pruning.keep_indices(embeds, (2, 8, 8), 2, vl_fields("divprune", 10), None)
+        mm_pruning.record_pruning(embeds[keep], "divprune", started)
     mm_pruning.keep_indices(embeds, (2, 8, 8), 2, vl_fields(None, 32), lambda: torch.arange(32))
     assert sample(count[0], **count[1]) == before + 3
     assert sample("tokenzip_pruning_seconds_sum", **count[1]) > 0

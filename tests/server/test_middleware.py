@@ -7,7 +7,7 @@ import json
 import pytest
 from starlette.testclient import TestClient
 from tokenzip_server.middleware import (
-    KV_HEADERS,
+    ENGINE_HEADERS,
     RESPONSE_HEADERS,
     TokenZipMiddleware,
     adapter_check,
@@ -209,7 +209,7 @@ def test_non_streaming_headers_and_usage():
         "audio_original": 0, "audio_kept": 0, "video_original": 400, "video_kept": 100,
     }  # fmt: skip
     exposed = [h.strip() for h in reply.headers["access-control-expose-headers"].split(",")]
-    assert exposed == [*RESPONSE_HEADERS, *KV_HEADERS.values()]
+    assert exposed == [*RESPONSE_HEADERS, *ENGINE_HEADERS.values()]
 
 
 def test_streaming_headers_and_final_usage_chunk():

@@ -162,8 +162,26 @@ def test_kv_policy_adds_the_eviction_scheduler_and_worker():
     assert argv[argv.index("--worker-cls") + 1] == "vllm_tokenzip.kv.worker.EvictingCPUWorker"
     assert env["TOKENZIP_KV_POLICY"] == "snapkv" and env["TOKENZIP_KV_BUDGET"] == "512"
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    plain, _ = launcher.build_command(*serve_args("/m"), on_cpu=True)
-    assert "--scheduler-cls" not in plain
+    assert argv.count("--scheduler-cls") == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "on_cpu", "expected"),
+    [
+        ((), True, "vllm_tokenzip.scheduler.TokenZipScheduler"),
+        ((), False, "vllm_tokenzip.scheduler.TokenZipAsyncScheduler"),
+        (("--no-async-scheduling",), False, "vllm_tokenzip.scheduler.TokenZipScheduler"),
+        (("--scheduler-cls", "my.Scheduler"), False, "my.Scheduler"),
+        (("--scheduler-cls=my.Scheduler",), True, None),
+    ],
+)
+def test_serve_adds_the_scheduler_matching_the_scheduling_mode(extra, on_cpu, expected):
+    argv, _ = launcher.build_command(*serve_args("/m", *extra), on_cpu=on_cpu)
+    if expected is None:
+        assert "--scheduler-cls" not in argv and argv[-1] == "--scheduler-cls=my.Scheduler"
+    else:
+        assert argv.count("--scheduler-cls") == 1
+        assert argv[argv.index("--scheduler-cls") + 1] == expected
 
 
 @pytest.mark.parametrize(

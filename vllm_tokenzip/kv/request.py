@@ -17,7 +17,7 @@ from vllm_tokenzip.kv.policies import make_policy
 
 BUDGET_KEY = "tokenzip_kv_budget"
 POLICY_KEY = "tokenzip_kv_policy"
-FIGURES_KEY = "tokenzip"  # a finished request's eviction figures, in kv_transfer_params
+FIGURES_KEY = "tokenzip"  # a finished request's engine figures, in kv_transfer_params
 DEFAULT_POLICY = "streamingllm"
 
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_tokenzip import metrics
 from vllm_tokenzip.kv.compaction import cdiv
-from vllm_tokenzip.kv.request import FIGURES_KEY, EvictionRequest, eviction_settings
+from vllm_tokenzip.kv.request import EvictionRequest, eviction_settings
+from vllm_tokenzip.scheduler import TokenZipScheduler
 
 logger = logging.getLogger("vllm.tokenzip.kv")
 PLAN_ATTR = "tokenzip_kv"
@@ -66,8 +66,9 @@ class _PhysicalView:
         return getattr(self._request, name)
 
 
-class EvictingScheduler(Scheduler):
-    """V1 :class:`Scheduler` that plans KV compactions and accounts in physical entries."""
+class EvictingScheduler(TokenZipScheduler):
+    """V1 scheduler that plans KV compactions and accounts in physical entries (and reports
+    pruning time, as :class:`~vllm_tokenzip.scheduler.TokenZipScheduler`)."""
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         if vllm_config.scheduler_config.async_scheduling or vllm_config.speculative_config:
@@ -162,20 +163,19 @@ class EvictingScheduler(Scheduler):
         if tracked is not None:  # recomputed from scratch on resume: uncompacted again
             tracked.offset = 0
 
-    def _connector_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """Adds the request's eviction figures under ``"tokenzip"`` to the
-        ``kv_transfer_params`` vLLM returns in the (non-streaming) response body."""
-        delay, params = super()._connector_finished(request)
+    def engine_figures(self, request: Request) -> dict[str, Any]:
+        """The pruning time, plus the request's eviction figures when it evicts."""
+        figures = super().engine_figures(request)
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
-            return delay, params
-        figures = {
+            return figures
+        return {
+            **figures,
             "kv_budget": tracked.settings.budget,
             "kv_policy": tracked.settings.policy,
             "kv_evicted": tracked.offset,
             "kv_peak_blocks": tracked.peak_blocks,
         }
-        return delay, {**(params or {}), FIGURES_KEY: figures}
 
     def _free_blocks(self, request: Request) -> None:
         tracked = self._tracked.pop(request.request_id, None)

@@ -16,6 +16,10 @@ This module holds what the model adapters share:
   plugin's ``register()``; idempotent; patches each runner module when it is imported (no
   import cost in processes that never load a runner). The worker logs ``PATCH_LOG_MARKER`` (with the
   runner's name) each time it enables the path: that line is how tests check it.
+- per-request pruning time (V1 runners): :func:`record_pruning` marks each pruned item's
+  output with its seconds (attribute :data:`PRUNING_ATTR`); the runner patch collects them by
+  encoder cache key when the runner caches the output and sends them with the step's
+  ``ModelRunnerOutput`` (same attribute), for :mod:`vllm_tokenzip.scheduler`.
 - :func:`video_settings`: the request's settings, refusing methods the adapters cannot feed.
 - per-item fields the processors ship to the model (:data:`FIELD_NAMES`, :func:`video_fields`,
   :func:`field_configs`) and :func:`strip_settings` for the HF processor call.
@@ -53,6 +57,10 @@ FIELD_NAMES = (METHOD_ID, RATIO, NUM_KEEP)
 DIGIT_BASE = 128  # position channels: 3 base-128 digits per value, exact in bf16
 DIGITS = 3
 POSITION_CHANNELS = 4 * DIGITS  # 4 values per token, DIGITS channels each
+# On a pruned item's output tensor: its pruning seconds; on a step's ModelRunnerOutput:
+# {encoder cache key: seconds} of the items pruned in the step.
+PRUNING_ATTR = "tokenzip_pruning_seconds"
+PENDING_ATTR = "_tokenzip_pruned_items"  # runner: the same dict, until the step's output
 # What the video adapters feed a method: embeddings and the vision tower's attention
 # (models.vit_attention, computed only for videos whose method needs it).
 VIDEO_NEEDS = frozenset({Need.EMBEDDINGS, Need.ENCODER_ATTENTION})
@@ -71,6 +79,19 @@ def _enable_if_adapter(runner: object) -> None:
         runner.is_multimodal_pruning_enabled = True
         metrics.set_worker_model(runner.model_config)
         logger.info("%s on %s", PATCH_LOG_MARKER, type(runner).__name__)
+        _warn_without_engine_figures(runner.vllm_config.scheduler_config)
+
+
+def _warn_without_engine_figures(scheduler_config: object) -> None:
+    """Log that responses carry no pruning time unless a TokenZip scheduler runs."""
+    from vllm_tokenzip.scheduler import ASYNC_SCHEDULER, SYNC_SCHEDULER, EngineFigures
+
+    if not issubclass(scheduler_config.get_scheduler_cls(), EngineFigures):
+        wanted = ASYNC_SCHEDULER if scheduler_config.async_scheduling else SYNC_SCHEDULER
+        logger.warning(
+            "tokenzip: responses will not report pruning time; serve with --scheduler-cls %s",
+            wanted,
+        )
 
 
 def _wrap_load_model(cls: type) -> None:
@@ -88,8 +109,70 @@ def _wrap_load_model(cls: type) -> None:
     cls.load_model = load_model
 
 
+def _wrap_cache_encoder_output(cls: type) -> None:
+    """Make ``cls._cache_encoder_output`` note the pruning seconds of each output it caches."""
+    original = cls.__dict__["_cache_encoder_output"]
+    if getattr(original, "_tokenzip_patched", False):
+        return
+
+    @functools.wraps(original)
+    def _cache_encoder_output(self, mm_hash, output, *args, **kwargs):
+        seconds = getattr(output, PRUNING_ATTR, None)
+        if seconds is not None:
+            self.__dict__.setdefault(PENDING_ATTR, {})[mm_hash] = seconds
+        return original(self, mm_hash, output, *args, **kwargs)
+
+    _cache_encoder_output._tokenzip_patched = True
+    cls._cache_encoder_output = _cache_encoder_output
+
+
+def _wrap_sample_tokens(cls: type) -> None:
+    """Make ``cls.sample_tokens`` attach the pending pruning seconds to its ModelRunnerOutput."""
+    original = cls.__dict__["sample_tokens"]
+    if getattr(original, "_tokenzip_patched", False):
+        return
+
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        pending = self.__dict__.get(PENDING_ATTR)
+        if pending and attach_pruning_seconds(result, pending):
+            self.__dict__[PENDING_ATTR] = {}
+        return result
+
+    sample_tokens._tokenzip_patched = True
+    cls.sample_tokens = sample_tokens
+
+
+def attach_pruning_seconds(result: object, item_seconds: dict[str, float]) -> bool:
+    """Attach ``item_seconds`` to a runner's step result; False if it is not an output.
+
+    result: a ``ModelRunnerOutput``, an ``AsyncModelRunnerOutput`` (whose ``get_output`` is
+    wrapped, on this instance) or ``IntermediateTensors`` (not a final output: False).
+    """
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+    if isinstance(result, ModelRunnerOutput):
+        setattr(result, PRUNING_ATTR, item_seconds)
+        return True
+    if isinstance(result, AsyncModelRunnerOutput):
+        get_output = result.get_output
+
+        def get_output_with_seconds():
+            output = get_output()
+            setattr(output, PRUNING_ATTR, item_seconds)
+            return output
+
+        result.get_output = get_output_with_seconds
+        return True
+    return False
+
+
 def _patch_v1_gpu(module: ModuleType) -> None:
+    """V1 GPU runner (the CPU runner inherits all three methods)."""
     _wrap_load_model(module.GPUModelRunner)
+    _wrap_cache_encoder_output(module.GPUModelRunner)
+    _wrap_sample_tokens(module.GPUModelRunner)
 
 
 def _patch_v1_cpu(module: ModuleType) -> None:
@@ -115,7 +198,7 @@ def _patch_v2(module: ModuleType) -> None:
             pruner = MultiModalPruner(
                 model, rope_state, encoder_cache, model_config.get_inputs_embeds_size()
             )
-            logger.info("%s on ModelRunnerV2", PATCH_LOG_MARKER)
+            logger.info("%s on ModelRunnerV2 (no per-request pruning time)", PATCH_LOG_MARKER)
             metrics.set_worker_model(model_config)
         return pruner
 
@@ -245,20 +328,31 @@ def keep_indices(
         name, kept = "stock", stock_keep()
     else:
         name = methods.available()[method_id]
-        started = time.perf_counter()
         frames = VideoInputs(
             embeds=embeds.reshape(t, grid_hw[0] * grid_hw[1], -1),
             grid_hw=grid_hw,
             encoder_attention=encoder_attention,
         )
         kept = methods.get(name).select(frames, promised)
-        metrics.observe_pruning(name, started)
     if kept.numel() != promised:
         raise PruneCountMismatch(
             f"tokenzip: method {name!r} kept {kept.numel()} video tokens but the processor "
             f"promised {promised} (grid {grid_thw}, ratio {float(fields[RATIO])})"
         )
     return kept.to(embeds.device)
+
+
+def record_pruning(item: torch.Tensor, method: str, started: float) -> torch.Tensor:
+    """Time one pruned item: observe ``tokenzip_pruning_seconds`` and mark its output.
+
+    item: the item's survivors as returned to the runner ([K, D + POSITION_CHANNELS]);
+    started: ``time.perf_counter()`` when its pruning began. Returns ``item``, carrying the
+    seconds as attribute :data:`PRUNING_ATTR` (read by the runner patch).
+    """
+    seconds = time.perf_counter() - started
+    metrics.observe_pruning(method, seconds)
+    setattr(item, PRUNING_ATTR, seconds)
+    return item
 
 
 def media_positions(

@@ -71,7 +71,7 @@ from vllm.multimodal.audio import AudioResampler
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
-from vllm_tokenzip import methods, metrics
+from vllm_tokenzip import methods
 from vllm_tokenzip.methods.base import Need
 from vllm_tokenzip.methods.omnizip import (
     audio_saliency,
@@ -519,7 +519,6 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             embeds[~is_video] = audio[0].to(embeds.dtype)
         if audio is not None and method == OMNIZIP:
             embeds, keep = self._omnizip_region(ids, embeds, audio[1], grid, item)
-            metrics.observe_pruning(method, started)
         else:
             keep = torch.ones(len(ids), dtype=torch.bool)
             video_item = {**item, NUM_KEEP: item[NUM_KEEP] - int((~is_video).sum())}
@@ -573,7 +572,6 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             if method == OMNIZIP:
                 emb, keep = omnizip_audio_stage(emb, score, float(fields[AUDIO_RATIO][i]))
             promised = int(fields[AUDIO_NUM_KEEP][i])
-            metrics.observe_pruning(method, started)
             out.append(self._survivors(emb, rel, keep.cpu(), promised, method, ids, started))
         return tuple(out)
 
@@ -596,6 +594,9 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             )
         rows = torch.arange(kept)
         channels = encode_positions(torch.cat([rel[:, keep].T, rows[:, None]], dim=1))
+        survivors = embeds[keep.to(embeds.device)]
+        item = torch.cat([survivors, channels.to(survivors)], dim=1)
+        mm_pruning.record_pruning(item, method, started)
         is_video = ids == self.config.video_token_index
         logger.info(
             "tokenzip: pruned %s audio %d->%d video %d->%d in %.1f ms",
@@ -604,10 +605,9 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             int((keep & ~is_video).sum()),
             int(is_video.sum()),
             int((keep & is_video).sum()),
-            1000 * (time.perf_counter() - started),
+            1000 * getattr(item, mm_pruning.PRUNING_ATTR),
         )
-        survivors = embeds[keep.to(embeds.device)]
-        return torch.cat([survivors, channels.to(survivors)], dim=1)
+        return item
 
     # ---- positions
 

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -35,6 +36,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune import evs
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
 
+from vllm_tokenzip import methods
 from vllm_tokenzip.models import mm_pruning, vit_attention
 
 mm_pruning.install_runner_patch()
@@ -170,6 +172,7 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         grids = video_input["video_grid_thw"].tolist()
         for i, (emb, grid) in enumerate(zip(video_embeds_split, grids, strict=True)):
             fields = {name: values[i] for name, values in self._video_fields.items()}
+            started = time.perf_counter()
             keep = mm_pruning.keep_indices(
                 emb,
                 tuple(grid),
@@ -180,7 +183,11 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             )
             t_factor = tokens_per_second * float(second_per_grid_ts[i])
             positions = mm_pruning.media_positions(tuple(grid), merge_size, t_factor)
-            out.append(with_positions(emb[keep], positions[keep.cpu()]))
+            survivors = with_positions(emb[keep], positions[keep.cpu()])
+            method_id = int(fields[mm_pruning.METHOD_ID])
+            if method_id != mm_pruning.NO_METHOD:
+                mm_pruning.record_pruning(survivors, methods.available()[method_id], started)
+            out.append(survivors)
         return tuple(out)
 
     def recompute_mrope_positions(
