@@ -23,7 +23,7 @@ KV_SERVER_ARGS = [
     "--worker-cls", "vllm_tokenzip.kv.worker.EvictingCPUWorker",
     "--block-size", str(BLOCK_SIZE),
     "--num-gpu-blocks-override", str(NUM_BLOCKS),
-    "--max-model-len", "4096",
+    "--max-model-len", str(BLOCK_SIZE * (NUM_BLOCKS - 1)),  # one request may fill the cache
     "--middleware", MIDDLEWARE,
 ]  # fmt: skip
 
