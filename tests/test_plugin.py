@@ -62,3 +62,31 @@ def test_every_package_is_listed_for_wheels():
     found |= {"tokenzip_server." + ".".join(p.parent.relative_to(root / "server").parts)
               for p in (root / "server").glob("*/**/__init__.py")}  # fmt: skip
     assert found - listed == set()
+
+
+def test_short_videos_are_refused_before_vllm_divides_by_zero():
+    """Qwen2VLVideoProcessor maps to the checked backend: same frames, or ValueError (400)."""
+    from vllm.multimodal.video import (
+        VIDEO_LOADER_REGISTRY,
+        Qwen2VLVideoBackend,
+        VideoSourceMetadata,
+        VideoTargetMetadata,
+    )
+
+    from vllm_tokenzip import video_loader
+
+    video_loader.install()
+    video_loader.install()
+    name = VIDEO_LOADER_REGISTRY.get_backend_for_video_processor("Qwen2VLVideoProcessor")
+    assert name == video_loader.BACKEND_NAME
+    checked = VIDEO_LOADER_REGISTRY.load(name)
+    target = VideoTargetMetadata(num_frames=-1, fps=2, max_duration=300)
+    for frames, fps in ((2, 1.0), (3, 30.0), (61, 29.97), (400, 60.0)):
+        source = VideoSourceMetadata(frames, fps, frames / fps)
+        assert checked.compute_frames_index_to_sample(source, target) == (
+            Qwen2VLVideoBackend.compute_frames_index_to_sample(source, target)
+        )
+    with pytest.raises(ZeroDivisionError):  # what vLLM 0.32 does, which the check prevents
+        Qwen2VLVideoBackend.compute_frames_index_to_sample(VideoSourceMetadata(1, 1.0, 1.0), target)
+    with pytest.raises(ValueError, match=r"has 1 frame.*at least 2"):
+        checked.compute_frames_index_to_sample(VideoSourceMetadata(1, 1.0, 1.0), target)

@@ -38,8 +38,9 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
-    """Register the model adapters, the runner patch of ``models.mm_pruning`` and the prompt
-    statistics hook of ``stats`` (once per process)."""
+    """Register the model adapters, the runner patch of ``models.mm_pruning``, the prompt
+    statistics hook of ``stats`` and the checked video backend of ``video_loader`` (once per
+    process)."""
     global _registered
     if _registered:
         return
@@ -48,12 +49,14 @@ def register() -> None:
 
     from vllm_tokenzip.models.mm_pruning import install_runner_patch
     from vllm_tokenzip.stats import install as install_stats
+    from vllm_tokenzip.video_loader import install as install_video_loader
 
     check_vllm_version(vllm.__version__)
     for architecture, adapter in ADAPTERS.items():
         ModelRegistry.register_model(architecture, adapter)
     install_runner_patch()
     install_stats()  # render_chat wrapper, API servers only
+    install_video_loader()
     _registered = True
     _announce(
         f"vllm_tokenzip {__version__} registered adapters for {', '.join(ADAPTERS)} "

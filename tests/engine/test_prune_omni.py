@@ -23,7 +23,7 @@ from vllm.multimodal.inputs import PlaceholderRange
 
 from tests.engine.test_serve import audio_part, chat, text_part, video_part
 from tests.media_expect import _processor, audio_16k_mono, expected_prompt_tokens, sampled_frames
-from vllm_tokenzip import methods
+from vllm_tokenzip import media, methods
 from vllm_tokenzip.methods.omnizip import audio_saliency, omnizip_kept_counts
 from vllm_tokenzip.models import qwen2_5_omni as omni
 from vllm_tokenzip.models.mm_pruning import METHOD_ID, NUM_KEEP, PruneCountMismatch
@@ -300,6 +300,18 @@ def test_prompt_tokens_closed_form_audio(omni_server, omni_tiny, clips, clip, ra
     settings = {"method": "omnizip", "audio_ratio": ratio}
     reply = ask(omni_server, clips[clip], "audio", settings)
     assert reply["usage"]["prompt_tokens"] == closed_form(omni_tiny, clips[clip], "audio", settings)
+
+
+@pytest.mark.parametrize(("seconds", "ratio"), [(0.3, 0.95), (0.1, 0.999999)])
+def test_very_short_audio_keeps_one_token(omni_server, omni_tiny, seconds, ratio):
+    """OmniZip on a 2-7 token audio at a high ratio keeps one token (an empty placeholder
+    would fail the request)."""
+    path = media.speech_wav(seconds=seconds, speech_start=0.0)
+    settings = {"method": "omnizip", "audio_ratio": ratio}
+    reply = ask(omni_server, path, "audio", settings)
+    stock = expected_prompt_tokens(omni_tiny, text="What happens here?", audio=path)
+    assert reply["usage"]["prompt_tokens"] == closed_form(omni_tiny, path, "audio", settings)
+    assert reply["usage"]["prompt_tokens"] == stock - media_counts(omni_tiny, path)[2] + 1
 
 
 @pytest.mark.parametrize("mode", ["av", "video"])

@@ -340,6 +340,23 @@ def test_engine_without_video_is_audio_stage():
     assert not torch.equal(audio, embeds[0, 2:42])  # anchors consolidated by anchor similarity
 
 
+@pytest.mark.parametrize("num_audio", [1, 2, 7, 10, 11, 40])
+@pytest.mark.parametrize("rho_audio", [0.77, 0.95, 0.999999])
+def test_audio_alone_keeps_at_least_one_token(num_audio, rho_audio):
+    """An audio item never vanishes (vLLM needs its placeholder): the counts the processor
+    promises and the tokens the engine and the audio-only stage keep agree, and are >= 1."""
+    gen = torch.Generator().manual_seed(num_audio)
+    ids = torch.tensor([[TEXT_ID] + [AUDIO_ID] * num_audio + [TEXT_ID]])
+    embeds = torch.randn(1, num_audio + 2, 8, generator=gen)
+    saliency = torch.rand(num_audio, generator=gen)
+    promised = omnizip_kept_counts(0, num_audio, rho_audio, 0.0)[0]
+    _, keep = run_engine((ids, embeds, saliency, None), rho_audio=rho_audio, rho_video=0.0)
+    _, alone = omnizip_audio_stage(embeds[0, 1:-1], saliency, rho_audio, min_kept=1)
+    assert promised >= 1
+    assert int(keep[0, 1:-1].sum()) == int(alone.sum()) == promised
+    assert promised == max(1, round((1 - rho_audio) * num_audio) + round(0.05 * num_audio))
+
+
 @FAST
 @given(
     st.lists(st.floats(0, 1), min_size=1, max_size=12),

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine.test_prune_vl import video_grid
 from tests.server.test_middleware import BODY_CASES, HEADER_CASES
-from vllm_tokenzip import methods
+from vllm_tokenzip import media, methods
 from vllm_tokenzip.launch import Server
 
 pytestmark = pytest.mark.engine
@@ -92,6 +92,17 @@ def test_invalid_inputs_are_400_and_server_keeps_serving(vl_serving, clips):
         ok = post(vl_serving, valid)
         assert ok.status_code == 200, ok.text
         assert figures(ok.headers) == ("none", 0, 0, 0.0)
+
+
+@pytest.mark.parametrize("server_name", ["vl_serving", "omni_server"])
+def test_one_frame_video_is_400_and_server_keeps_serving(request, server_name, clips):
+    """vLLM 0.32's Qwen2-VL frame sampling divides by zero on a one-frame clip (HTTP 500);
+    the plugin's video backend refuses it with a 400 naming the minimum."""
+    server = request.getfixturevalue(server_name)
+    reply = post(server, messages=video_messages(media.synthetic_clip(seconds=1.0, fps=1)))
+    assert reply.status_code == 400, reply.text
+    assert "has 1 frame(s)" in reply.json()["error"]["message"]
+    assert post(server, messages=video_messages(clips[CLIP])).status_code == 200
 
 
 def sdk(server: Server) -> openai.OpenAI:

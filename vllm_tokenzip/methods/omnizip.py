@@ -33,7 +33,9 @@ is the serving form; it differs from the official code as follows:
 * ``N_v`` is the number of video tokens in ``input_ids`` (the official code uses the first
   ``video_grid_thw`` row); without audio every frame has S = 0 (an even split), without video
   only stages 2-3 run (:func:`omnizip_audio_stage`, merge weights from the cosine to the anchor
-  as in the official fallback). The official model calls OmniZip only with both modalities.
+  as in the official fallback) and keep at least one token, so that an audio item never
+  vanishes (vLLM needs its placeholder; video methods keep one token per video likewise). The
+  official model calls OmniZip only with both modalities.
 
 Both forms break score ties towards the lower index (stable sorts) so every device agrees; the
 official code uses ``topk``, whose order among exactly equal scores is unspecified.
@@ -105,24 +107,36 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def audio_split_counts(
-    num_audio: int, rho_audio: float, contextual_ratio: float, merge_size: int
+    num_audio: int,
+    rho_audio: float,
+    contextual_ratio: float,
+    merge_size: int,
+    *,
+    min_kept: int = 0,
 ) -> tuple[int, int]:
-    """Stage 2 counts for N_a audio tokens: (dominant, anchors)."""
+    """Stage 2 counts for N_a audio tokens: (dominant, anchors), together at least
+    ``min(min_kept, N_a)`` (extra dominant tokens)."""
     dominant = int(min(max(round((1 - rho_audio) * num_audio), 0), num_audio))
     anchors = max(0, round(contextual_ratio * num_audio)) if merge_size > 0 else 0
-    return dominant, min(anchors, num_audio - dominant)
+    anchors = min(anchors, num_audio - dominant)
+    return max(dominant, min(min_kept, num_audio) - anchors), anchors
 
 
 def select_audio(
-    saliency: torch.Tensor, rho_audio: float, contextual_ratio: float, merge_size: int
+    saliency: torch.Tensor,
+    rho_audio: float,
+    contextual_ratio: float,
+    merge_size: int,
+    *,
+    min_kept: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2: dominant and anchor audio tokens.
+    """Stage 2: dominant and anchor audio tokens (counts: :func:`audio_split_counts`).
 
     saliency: [N_a]. Returns (dominant [n_dom], anchors [n_ctx]) audio indices: the most salient
     tokens, then tokens spaced every ``|R| // n_ctx`` along the ascending list R of the others.
     """
     num_dominant, num_anchors = audio_split_counts(
-        saliency.numel(), rho_audio, contextual_ratio, merge_size
+        saliency.numel(), rho_audio, contextual_ratio, merge_size, min_kept=min_kept
     )
     dominant = _top(saliency, num_dominant)
     rest = torch.ones_like(saliency, dtype=torch.bool)
@@ -187,13 +201,17 @@ def omnizip_audio_stage(
     video: torch.Tensor | None = None,
     contextual_ratio: float = 0.05,
     merge_size: int = 3,
+    min_kept: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages 2-3; alone, the audio-only form (keeps ``omnizip_kept_counts(0, N_a, ...)[0]``).
+    """Stages 2-3; alone (``video=None, min_kept=1``), the audio-only form, which keeps
+    ``omnizip_kept_counts(0, N_a, ...)[0]`` tokens.
 
     audio: [N_a, D]; saliency: [N_a]; video: [N_v, D] or None. Returns (audio [N_a, D] with
     consolidated anchors, keep mask [N_a] bool).
     """
-    dominant, anchors = select_audio(saliency, rho_audio, contextual_ratio, merge_size)
+    dominant, anchors = select_audio(
+        saliency, rho_audio, contextual_ratio, merge_size, min_kept=min_kept
+    )
     keep = torch.zeros(len(audio), dtype=torch.bool, device=audio.device)
     keep[dominant] = True
     keep[anchors] = True
@@ -398,6 +416,7 @@ def _omnizip(
     contextual_ratio: float,
     merge_size: int,
     video_stage: VideoStage,
+    min_audio_kept: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stages 2-4 shared by both forms, then ``video_stage(video, video_runs, retention)``.
 
@@ -417,6 +436,7 @@ def _omnizip(
         video=video,
         contextual_ratio=contextual_ratio,
         merge_size=merge_size,
+        min_kept=min_audio_kept,
     )
     out = embeds.clone()
     out[0, audio_pos] = audio
@@ -482,10 +502,13 @@ def omnizip_kept_counts(
     contextual_ratio: float = 0.05,
     merge_size: int = 3,
 ) -> tuple[int, int]:
-    """(kept audio, kept video) of :func:`omnizip_engine`, known before any encoder runs."""
+    """(kept audio, kept video) of :func:`omnizip_engine` or, without video, of the audio-only
+    form (at least one audio token), known before any encoder runs."""
     check_ratio(rho_audio)
     check_ratio(rho_video)
-    dominant, anchors = audio_split_counts(num_audio, rho_audio, contextual_ratio, merge_size)
+    dominant, anchors = audio_split_counts(
+        num_audio, rho_audio, contextual_ratio, merge_size, min_kept=0 if num_video else 1
+    )
     return dominant + anchors, video_budget(num_video, rho_video)
 
 
@@ -529,6 +552,7 @@ def omnizip_engine(
         contextual_ratio=contextual_ratio,
         merge_size=merge_size,
         video_stage=partial(_engine_video, tokens_per_frame=tpf, budget=budget),
+        min_audio_kept=0 if num_video else 1,
     )
 
 

@@ -570,7 +570,8 @@ class TokenZipQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
             ids, rel = self.region_layout(None, 1.0, frames[i])
             keep = torch.ones(len(emb), dtype=torch.bool)
             if method == OMNIZIP:
-                emb, keep = omnizip_audio_stage(emb, score, float(fields[AUDIO_RATIO][i]))
+                ratio = float(fields[AUDIO_RATIO][i])
+                emb, keep = omnizip_audio_stage(emb, score, ratio, min_kept=1)
             promised = int(fields[AUDIO_NUM_KEEP][i])
             out.append(self._survivors(emb, rel, keep.cpu(), promised, method, ids, started))
         return tuple(out)
