@@ -121,10 +121,12 @@ def omnizip_split(
 
     N = num_audio + num_video, the item's audio and video tokens (known in the processor).
     With video, audio is pruned at ``OMNIZIP_AUDIO_SHARE * ratio`` and the video ratio is
-    chosen so that the video keeps the rest; audio alone (or video alone) takes the whole
-    budget. Exact unless the rest falls outside [1, num_video] video tokens (or the audio
-    budget is below one dominant token plus the ``contextual_ratio`` anchors); then the
-    nearest bound is kept. The kept counts follow ``omnizip_kept_counts``.
+    chosen so that the video keeps the rest; when that rest would be under one video token,
+    the video keeps one and the audio gives up the difference. Audio alone (or video alone)
+    takes the whole budget. Exact unless the budget is below the fewest tokens OmniZip can
+    keep (the audio's ``contextual_ratio`` anchors plus one video token; audio alone: its
+    anchors, at least one); then that minimum is kept. The kept counts follow
+    ``omnizip_kept_counts``.
     """
     from vllm_tokenzip.methods.omnizip import audio_split_counts
 
@@ -132,10 +134,21 @@ def omnizip_split(
     total = num_audio + num_video
     target = total - round(ratio * total)
     if not num_video:
-        anchors = round(contextual_ratio * num_audio)
-        dominant = min(max(target - anchors, 1), num_audio)
-        return (1 - dominant / num_audio if num_audio else 0.0), 0.0
+        return _audio_ratio_keeping(target, num_audio, contextual_ratio), 0.0
     audio_ratio = ratio * OMNIZIP_AUDIO_SHARE if num_audio else 0.0
     kept_audio = sum(audio_split_counts(num_audio, audio_ratio, contextual_ratio, 1))
+    if num_audio and target - kept_audio < 1:  # the video at its floor: audio gives up the rest
+        audio_ratio = _audio_ratio_keeping(target - 1, num_audio, contextual_ratio)
+        kept_audio = sum(audio_split_counts(num_audio, audio_ratio, contextual_ratio, 1))
     kept_video = min(max(target - kept_audio, 1), num_video)
     return audio_ratio, (num_video - kept_video) / num_video
+
+
+def _audio_ratio_keeping(kept: int, num_audio: int, contextual_ratio: float) -> float:
+    """The OmniZip audio ratio keeping ``kept`` of ``num_audio`` tokens (dominant + anchors),
+    or the nearest count in [anchors, num_audio]."""
+    if not num_audio:
+        return 0.0
+    anchors = min(round(contextual_ratio * num_audio), num_audio)
+    dominant = min(max(kept - anchors, 0), num_audio)
+    return 1 - max(dominant, 0.25) / num_audio  # a quarter token rounds to none; ratio < 1

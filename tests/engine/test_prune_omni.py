@@ -360,6 +360,20 @@ def test_omnizip_split_keeps_exact_total(num_audio, num_video, ratio):
     assert sum(kept) == total - round(ratio * total)
 
 
+@pytest.mark.parametrize("num_audio", [1, 7, 20, 81, 134, 150])
+@pytest.mark.parametrize("num_video", [0, 1, 4, 96, 432])
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.99, 0.999999])
+def test_omnizip_split_is_exact_down_to_the_fewest_tokens_it_can_keep(num_audio, num_video, ratio):
+    """Video at its floor of one token: the audio gives up the rest (134 audio + 432 video at
+    0.9 kept 82 instead of 57 before). Below OmniZip's minimum, that minimum is kept."""
+    total = num_audio + num_video
+    kept = omnizip_kept_counts(num_video, num_audio, *omnizip_split(ratio, num_audio, num_video))
+    anchors = round(0.05 * num_audio)
+    fewest = anchors + 1 if num_video else max(anchors, 1)
+    assert sum(kept) == max(total - round(ratio * total), fewest)
+    assert kept[1] >= (1 if num_video else 0)
+
+
 @pytest.mark.parametrize(("clip", "mode"), [("bigbuckbunny", "av"), ("moving_16k", "video"),
                                             ("speech_48k", "audio")])  # fmt: skip
 def test_overall_ratio_keeps_exact_total(omni_server, omni_tiny, clips, clip, mode):
