@@ -8,11 +8,12 @@ Variants, each measured at every ``--concurrency``:
   (EVS, Qwen2.5-VL / Qwen3-VL), sent the same requests without TokenZip settings.
 
 Every request streams one chat completion with the video (and its sound with
-``--audio-in-video``, for Omni models) and a unique text prefix, so that neither the prefix
-cache nor the processor cache hides the work; ``ignore_eos`` makes each produce
-``--max-tokens`` tokens. Per point: requests/s, output tokens/s, TTFT and end-to-end latency
-p50/p99, mean prompt tokens. Written to ``--out``: ``bench.json``, ``throughput.png``,
-``ttft.png``.
+``--audio-in-video``, for Omni models), a unique text prefix and a unique media ``uuid``, so
+that neither the prefix cache nor vLLM's processor and encoder caches (keyed by the media's
+hash or uuid) hide the work; ``ignore_eos`` makes each produce ``--max-tokens`` tokens. Per
+point: requests/s, output tokens/s, TTFT and end-to-end latency p50/p99, mean prompt tokens,
+mean pruning time (``usage.tokenzip.pruning_ms``, servers with the TokenZip scheduler; NaN
+elsewhere). Written to ``--out``: ``bench.json``, ``throughput.png``, ``ttft.png``.
 
 Bounds: ``--requests`` per point (at most 1000), ``--time-limit`` per point (no request starts
 after it), ``--timeout`` per request. Servers must be on the loopback interface.
@@ -54,6 +55,7 @@ class Sample:
     latency: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    pruning_ms: float | None = None  # None: the server does not report it
     error: str = ""
 
 
@@ -69,6 +71,8 @@ class Point:
     requests_per_s: float
     output_tokens_per_s: float
     prompt_tokens_mean: float
+    pruning_ms_mean: float
+    pruning_ms_min: float  # 0 for a pruned variant: some request did not prune (a cache hit)
     ttft_p50: float
     ttft_p99: float
     latency_p50: float
@@ -151,7 +155,8 @@ def video_url(video: str | None) -> str:
 
 
 def request_body(model: str, video: str, variant: Variant, index: int, args) -> dict:
-    """The chat request ``index`` of ``variant`` (unique text first: no cache shortcuts)."""
+    """The chat request ``index`` of ``variant`` (unique text and media uuid: no cache
+    shortcuts)."""
     mm_kwargs = {}
     if variant.tokenzip is not None:
         mm_kwargs["tokenzip"] = variant.tokenzip
@@ -159,8 +164,9 @@ def request_body(model: str, video: str, variant: Variant, index: int, args) -> 
         mm_kwargs["use_audio_in_video"] = True
     content = [
         {"type": "text", "text": f"Request {index} of {variant.label}: what happens?"},
-        {"type": "video_url", "video_url": {"url": video}},
-    ]
+        {"type": "video_url", "video_url": {"url": video},
+         "uuid": f"tokenzip-bench-{variant.label}-{index}-{time.time_ns()}"},
+    ]  # fmt: skip
     body = {
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -205,7 +211,8 @@ def send(client, url: str, body: dict, timeout: float) -> Sample:
     latency = time.monotonic() - started
     return Sample(ok=True, ttft=latency if ttft is None else ttft, latency=latency,
                   prompt_tokens=usage.get("prompt_tokens", 0),
-                  output_tokens=usage.get("completion_tokens", 0))  # fmt: skip
+                  output_tokens=usage.get("completion_tokens", 0),
+                  pruning_ms=(usage.get("tokenzip") or {}).get("pruning_ms"))  # fmt: skip
 
 
 def run_point(client, variant: Variant, model: str, concurrency: int, args, tick) -> Point:
@@ -252,6 +259,7 @@ def summarize(label: str, concurrency: int, samples: list[Sample], wall: float) 
     ok = [s for s in samples if s.ok]
     ttfts = [s.ttft for s in ok]
     latencies = [s.latency for s in ok]
+    pruning = [s.pruning_ms for s in ok if s.pruning_ms is not None]
     return Point(
         variant=label,
         concurrency=concurrency,
@@ -261,6 +269,8 @@ def summarize(label: str, concurrency: int, samples: list[Sample], wall: float) 
         requests_per_s=len(ok) / wall if wall else 0.0,
         output_tokens_per_s=sum(s.output_tokens for s in ok) / wall if wall else 0.0,
         prompt_tokens_mean=statistics.fmean(s.prompt_tokens for s in ok) if ok else 0.0,
+        pruning_ms_mean=statistics.fmean(pruning) if pruning else float("nan"),
+        pruning_ms_min=min(pruning, default=float("nan")),
         ttft_p50=percentile(ttfts, 50),
         ttft_p99=percentile(ttfts, 99),
         latency_p50=percentile(latencies, 50),

@@ -29,6 +29,9 @@ def test_bench_small_run(deploy_server: Server, clips, tmp_path: Path) -> None:
     assert all(p["output_tokens_per_s"] > 0 for p in points)
     baseline, pruned = points[0]["prompt_tokens_mean"], points[2]["prompt_tokens_mean"]
     assert pruned < baseline
+    # Unique media uuids: every pruned request runs the encoder and prunes (no cache hits).
+    assert all(p["pruning_ms_mean"] == 0 for p in points[:2])
+    assert all(p["pruning_ms_min"] > 0 for p in points[2:])
     for name in ("throughput.png", "ttft.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
 
