@@ -21,6 +21,7 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=8192,
         max_num_batched_tokens=int(max_batched),
+        max_num_seqs=4,  # one request at a time; lets max_num_batched_tokens go below 256
         limit_mm_per_prompt={"video": 1},
         allowed_local_media_path=str(Path(video).parent),
     )

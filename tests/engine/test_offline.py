@@ -43,6 +43,28 @@ def test_chunked_prefill_matches_one_step_prefill(one_step_and_chunked):
         assert split["logprobs"] == pytest.approx(single["logprobs"], abs=1e-4)
 
 
+def vision_start_index(model_dir) -> int:
+    """Index of <|vision_start|> in offline_run's prompt (video first, then the question)."""
+    from tests.media_expect import _processor
+
+    processor = _processor(str(model_dir))
+    content = [{"type": "video"}, {"type": "text", "text": "What happens here?"}]
+    messages = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = processor.tokenizer(prompt)["input_ids"]
+    return ids.index(processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+
+
+def test_prefill_chunk_ending_at_the_vision_start(one_step_and_chunked, vl_tiny, clips):
+    """A chunk boundary right after <|vision_start|> (vLLM 0.32's recompute raised IndexError
+    there and killed the engine, also for requests without settings)."""
+    one_step, _ = one_step_and_chunked
+    boundary = run_offline(vl_tiny, clips["moving_16k"], vision_start_index(vl_tiny) + 1)
+    for single, split in zip(one_step, boundary, strict=True):
+        assert split["token_ids"] == single["token_ids"]
+        assert split["logprobs"] == pytest.approx(single["logprobs"], abs=1e-4)
+
+
 def test_offline_matches_the_server(one_step_and_chunked, vl_server, clips):
     import requests
 

@@ -202,10 +202,17 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         multimodal_embeddings: this step's [k, D + POSITION_CHANNELS] slices; mrope_positions:
         [3, N] for the whole prompt. Returns (embeddings [k, D], positions [3, N], delta), as
         vLLM's ``evs.recompute_mrope_positions`` computes them from the decoded (t, h, w, next).
+
+        A prefill chunk that ends right after a vision-start token makes vLLM 0.32's function
+        take that start as a finished media's and look for a next one (IndexError, fatal to the
+        engine; stock ``--video-pruning-rate`` shares it). The start token is text, so counting
+        it as not yet computed (:func:`computed_before_media`) changes nothing else.
         """
         embeds = multimodal_embeddings
         device = embeds[0].device if embeds else mrope_positions.device
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        start_id = self.config.vision_start_token_id
+        num_computed_tokens = computed_before_media(ids, num_computed_tokens, start_id)
         width = mm_pruning.POSITION_CHANNELS
         decoded = [mm_pruning.decode_positions(mm[:, -width:]).T for mm in embeds]
         positions, delta = evs.recompute_mrope_positions(
@@ -213,7 +220,7 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             decoded,
             mrope_positions,
             num_computed_tokens,
-            self.config.vision_start_token_id,
+            start_id,
             self.config.image_token_id,
             self.config.video_token_id,
         )
@@ -227,6 +234,14 @@ class TokenZipQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             emb, grid, spatial_merge_size=self.visual.spatial_merge_size, q=self.video_pruning_rate
         )
         return mask.nonzero().squeeze(1)
+
+
+def computed_before_media(ids: torch.Tensor, num_computed: int, vision_start_id: int) -> int:
+    """``num_computed``, less one when the last computed prompt token (of ids [N]) is a vision
+    start; in decode (``num_computed`` >= N) unchanged."""
+    if 0 < num_computed < len(ids) and int(ids[num_computed - 1]) == vision_start_id:
+        return num_computed - 1
+    return num_computed
 
 
 def with_positions(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
