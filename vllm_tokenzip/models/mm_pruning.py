@@ -94,54 +94,58 @@ def _warn_without_engine_figures(scheduler_config: object) -> None:
         )
 
 
-def _wrap_load_model(cls: type) -> None:
-    """Make ``cls.load_model`` call :func:`_enable_if_adapter` after the original."""
-    original = cls.__dict__["load_model"]
+def _wrap_method(cls: type, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace ``cls.<name>`` (defined on ``cls``) by ``wrap(original)``, once per class."""
+    original = cls.__dict__[name]
     if getattr(original, "_tokenzip_patched", False):
         return
+    wrapped = functools.wraps(original)(wrap(original))
+    wrapped._tokenzip_patched = True
+    setattr(cls, name, wrapped)
 
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        _enable_if_adapter(self)
 
-    load_model._tokenzip_patched = True
-    cls.load_model = load_model
+def _wrap_load_model(cls: type) -> None:
+    """Make ``cls.load_model`` call :func:`_enable_if_adapter` after the original."""
+
+    def wrap(original: Callable) -> Callable:
+        def load_model(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            _enable_if_adapter(self)
+
+        return load_model
+
+    _wrap_method(cls, "load_model", wrap)
 
 
 def _wrap_cache_encoder_output(cls: type) -> None:
     """Make ``cls._cache_encoder_output`` note the pruning seconds of each output it caches."""
-    original = cls.__dict__["_cache_encoder_output"]
-    if getattr(original, "_tokenzip_patched", False):
-        return
 
-    @functools.wraps(original)
-    def _cache_encoder_output(self, mm_hash, output, *args, **kwargs):
-        seconds = getattr(output, PRUNING_ATTR, None)
-        if seconds is not None:
-            self.__dict__.setdefault(PENDING_ATTR, {})[mm_hash] = seconds
-        return original(self, mm_hash, output, *args, **kwargs)
+    def wrap(original: Callable) -> Callable:
+        def _cache_encoder_output(self, mm_hash, output, *args, **kwargs):
+            seconds = getattr(output, PRUNING_ATTR, None)
+            if seconds is not None:
+                self.__dict__.setdefault(PENDING_ATTR, {})[mm_hash] = seconds
+            return original(self, mm_hash, output, *args, **kwargs)
 
-    _cache_encoder_output._tokenzip_patched = True
-    cls._cache_encoder_output = _cache_encoder_output
+        return _cache_encoder_output
+
+    _wrap_method(cls, "_cache_encoder_output", wrap)
 
 
 def _wrap_sample_tokens(cls: type) -> None:
     """Make ``cls.sample_tokens`` attach the pending pruning seconds to its ModelRunnerOutput."""
-    original = cls.__dict__["sample_tokens"]
-    if getattr(original, "_tokenzip_patched", False):
-        return
 
-    @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        pending = self.__dict__.get(PENDING_ATTR)
-        if pending and attach_pruning_seconds(result, pending):
-            self.__dict__[PENDING_ATTR] = {}
-        return result
+    def wrap(original: Callable) -> Callable:
+        def sample_tokens(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            pending = self.__dict__.get(PENDING_ATTR)
+            if pending and attach_pruning_seconds(result, pending):
+                self.__dict__[PENDING_ATTR] = {}
+            return result
 
-    sample_tokens._tokenzip_patched = True
-    cls.sample_tokens = sample_tokens
+        return sample_tokens
+
+    _wrap_method(cls, "sample_tokens", wrap)
 
 
 def attach_pruning_seconds(result: object, item_seconds: dict[str, float]) -> bool:
