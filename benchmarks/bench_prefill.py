@@ -12,8 +12,10 @@ One run measures, on the locally built Qwen2.5-VL (``--size tiny|mid``):
 methods. Each point is the median of ``--repeats`` sequential requests after one warm-up.
 TTFT is client-side (streaming, first chunk carrying content); prefill time is the delta of
 vLLM's ``vllm:request_prefill_time_seconds`` histogram sum / count around the request; prompt
-tokens come from the streamed usage. Prefix caching and the processor cache are off, so every
-request encodes its video and prefills from scratch. Threads: the servers inherit
+tokens come from the streamed usage. Prefix caching and the processor cache are off and each
+request's video carries a fresh ``uuid`` (vLLM's encoder cache, keyed by the media's hash or
+uuid, would otherwise serve repeats), so every request encodes its video and prefills from
+scratch. Threads: the servers inherit
 ``VLLM_CPU_OMP_THREADS_BIND`` (``--omp-bind`` sets it; vLLM's ``auto`` binds the worker to all
 cores but one, so 1 of 2); the binding vLLM logged is copied into the JSON.
 
@@ -35,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +100,14 @@ def chat_body(server: Server, video: Path, mm_kwargs: dict) -> dict:
     return body
 
 
+def with_fresh_media_uuid(body: dict) -> dict:
+    """A copy of ``body`` whose video part carries a new uuid (no encoder-cache reuse)."""
+    message = body["messages"][0]
+    content = [{**part, "uuid": f"bench-{uuid.uuid4()}"} if part["type"] == "video_url" else part
+               for part in message["content"]]  # fmt: skip
+    return {**body, "messages": [{**message, "content": content}]}
+
+
 def stream_chat(server: Server, body: dict) -> tuple[float, int]:
     """(TTFT in s: first chunk with content or a finish reason, prompt tokens)."""
     start = time.perf_counter()
@@ -125,7 +136,7 @@ def stream_chat(server: Server, body: dict) -> tuple[float, int]:
 def measured_request(server: Server, body: dict) -> dict[str, float]:
     """One request: TTFT, prefill seconds (metrics delta) and prompt tokens."""
     before_sum, before_count = prefill_counters(server)
-    ttft, prompt_tokens = stream_chat(server, body)
+    ttft, prompt_tokens = stream_chat(server, with_fresh_media_uuid(body))
     deadline = time.monotonic() + METRICS_WAIT_S
     while True:
         after_sum, after_count = prefill_counters(server)
