@@ -23,6 +23,7 @@ import pytest
 import requests
 import torch
 
+from tests.engine.logprobs import assert_matches_reference, reply_logprobs
 from tests.hf_reference_omni import AUDIO, AUDIO_IN_VIDEO, VIDEO, reference, selection_flips
 from vllm_tokenzip.launch import Server
 
@@ -76,27 +77,15 @@ def vllm_logprobs(
     body = request_body(server, path, mode, settings)
     reply = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
     assert reply.status_code == 200, reply.text
-    out = reply.json()
-    prompt_ids = out["prompt_token_ids"]
-    entries = zip(prompt_ids[1:], out["prompt_logprobs"][1:], strict=True)
-    prompt = [entry[str(token)]["logprob"] for token, entry in entries]
-    choice = out["choices"][0]
-    generated = [step["logprob"] for step in choice["logprobs"]["content"]]
-    return prompt_ids, torch.tensor(prompt), choice["token_ids"], torch.tensor(generated)
+    return reply_logprobs(reply.json())
 
 
 @pytest.mark.parametrize(("name", "mode", "settings"), CASES, ids=case_id)
 def test_prompt_logprobs_match_transformers(omni_server, omni_tiny, clips, name, mode, settings):
     path = clips[name]
-    ids, prompt_lp, generated, generated_lp = vllm_logprobs(omni_server, path, mode, settings)
-    ref, ref_generated_lp = reference(omni_tiny, path, mode, QUESTION, settings, generated)
-    assert ids == ref.prompt_ids
-    prompt_diff = (prompt_lp.double() - ref.prompt_logprobs).abs().max().item()
-    decode_diff = (generated_lp.double() - ref_generated_lp).abs().max().item()
-    print(f"{name} {mode} {settings}: {len(ids)} prompt tokens, "
-          f"max |diff| prompt {prompt_diff:.2e}, generated {decode_diff:.2e}")  # fmt: skip
-    assert prompt_diff <= TOLERANCE
-    assert decode_diff <= TOLERANCE
+    got = vllm_logprobs(omni_server, path, mode, settings)
+    ref, ref_generated_lp = reference(omni_tiny, path, mode, QUESTION, settings, got[2])
+    assert_matches_reference(f"{name} {mode} {settings}", got, ref, ref_generated_lp, TOLERANCE)
 
 
 def test_tolerance_detects_a_one_position_error(omni_tiny, clips):

@@ -19,6 +19,7 @@ import pytest
 import requests
 import torch
 
+from tests.engine.logprobs import assert_matches_reference, reply_logprobs
 from tests.hf_reference import reference
 from vllm_tokenzip import media
 from vllm_tokenzip.launch import Server
@@ -39,13 +40,7 @@ def vllm_logprobs(
             "return_token_ids": True, "mm_processor_kwargs": {"tokenzip": tokenzip}}  # fmt: skip
     reply = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
     assert reply.status_code == 200, reply.text
-    out = reply.json()
-    prompt_ids = out["prompt_token_ids"]
-    entries = zip(prompt_ids[1:], out["prompt_logprobs"][1:], strict=True)
-    prompt = [entry[str(token)]["logprob"] for token, entry in entries]
-    choice = out["choices"][0]
-    generated = [step["logprob"] for step in choice["logprobs"]["content"]]
-    return prompt_ids, torch.tensor(prompt), choice["token_ids"], torch.tensor(generated)
+    return reply_logprobs(reply.json())
 
 
 def clip(name: str, clips: dict[str, Path]) -> Path:
@@ -72,17 +67,9 @@ def clip(name: str, clips: dict[str, Path]) -> Path:
 )
 def test_prompt_logprobs_match_transformers(vl_server, vl_tiny, clips, name, method, ratio):
     video = clip(name, clips)
-    ids, prompt_lp, generated, generated_lp = vllm_logprobs(
-        vl_server, video, {"method": method, "ratio": ratio}
-    )
-    ref, ref_generated_lp = reference(vl_tiny, video, QUESTION, method, ratio, generated)
-    assert ids == ref.prompt_ids
-    prompt_diff = (prompt_lp.double() - ref.prompt_logprobs).abs().max().item()
-    decode_diff = (generated_lp.double() - ref_generated_lp).abs().max().item()
-    print(f"{name} {method} {ratio}: {len(ids)} prompt tokens, "
-          f"max |diff| prompt {prompt_diff:.2e}, generated {decode_diff:.2e}")  # fmt: skip
-    assert prompt_diff <= TOLERANCE
-    assert decode_diff <= TOLERANCE
+    got = vllm_logprobs(vl_server, video, {"method": method, "ratio": ratio})
+    ref, ref_generated_lp = reference(vl_tiny, video, QUESTION, method, ratio, got[2])
+    assert_matches_reference(f"{name} {method} {ratio}", got, ref, ref_generated_lp, TOLERANCE)
 
 
 def test_tolerance_detects_a_one_position_error(vl_tiny, clips):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 from tokenzip_server import launcher
 from tokenzip_server.middleware import TokenZipMiddleware
@@ -21,6 +20,7 @@ from tokenzip_server.middleware import TokenZipMiddleware
 from tests.server.test_middleware import CHAT, FakeApp, chat_body
 from tests.server.test_serving import CLIP, post, scrape, video_messages
 from tests.server.test_serving_omni import ask
+from tests.server.test_stats import multiprocess_registry
 from vllm_tokenzip import methods, metrics
 from vllm_tokenzip.launch import Server
 from vllm_tokenzip.models import mm_pruning
@@ -107,11 +107,7 @@ def test_refused_requests_are_not_timed():
 
 
 def test_worker_and_engine_metrics_add_up_in_multiprocess_mode(tmp_path):
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for _ in range(2):
-        subprocess.run([sys.executable, "-c", MULTIPROC_CODE], env=env, check=True)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    registry = multiprocess_registry(MULTIPROC_CODE, tmp_path)
     labels = {"model_name": "m", "method": "divprune"}
     assert registry.get_sample_value("tokenzip_pruning_seconds_count", labels) == 2
     assert registry.get_sample_value("tokenzip_kv_evicted_tokens_total", {"model_name": "m"}) == 14

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -139,17 +140,24 @@ def test_cli_serve_dry_run_and_help(capsys):
         assert flag in text
 
 
+def multiprocess_registry(code: str, metrics_dir: Path, processes: int = 2) -> CollectorRegistry:
+    """Run ``code`` in ``processes`` interpreters in Prometheus multiprocess mode (directory
+    ``metrics_dir``); the registry that merges what they recorded."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    for _ in range(processes):
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
+    return registry
+
+
 def test_metrics_in_multiprocess_mode(tmp_path):
     """With PROMETHEUS_MULTIPROC_DIR (--api-server-count > 1) two processes' counts add up."""
     code = (
         "from vllm_tokenzip import metrics; from vllm_tokenzip.stats import ItemCounts; "
         "metrics.record('m', ItemCounts('evs', 0, 0, 100, 25))"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for _ in range(2):
-        subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    registry = multiprocess_registry(code, tmp_path)
     labels = {"model_name": "m", "modality": "video"}
     assert registry.get_sample_value("tokenzip_tokens_kept_total", labels) == 50
     assert registry.get_sample_value("tokenzip_ratio_achieved_count", {"model_name": "m"}) == 2
